@@ -1,0 +1,16 @@
+"""gradscore: training objectives and diagnostics for score-based diffusion models that see the
+observable (gradient) part of the score error. See THEORY.md for the mathematics."""
+from . import toy
+from .metrics import energy_distance, sliced_wasserstein
+from .nets import TimeMLP
+from .objectives import DSMLoss
+from .parametrisation import ENERGIES, EnergyScore, ScoreModel
+from .sampling import sample
+from .sde import SDE, DiscreteVPSDE, VESDE, VPSDE
+
+__version__ = "0.1.0"
+__all__ = [
+    "SDE", "VPSDE", "VESDE", "DiscreteVPSDE",
+    "ScoreModel", "EnergyScore", "ENERGIES", "TimeMLP",
+    "DSMLoss", "sample", "energy_distance", "sliced_wasserstein", "toy",
+]

@@ -1,0 +1,63 @@
+"""Denoising score matching, the L2 objective (THEORY section 7).
+
+``loss(x0) = lambda(t) |s_theta(x_t, t) + eps / sigma_t|^2`` per sample, with ``t ~ U(t_min, 1)``,
+``x_t = alpha_t x0 + sigma_t eps``. Its expectation at fixed ``t`` is ``lambda(t) (||e_t||^2 + const(t))``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..sde import SDE, broadcast_to
+from .weighting import resolve_weighting, weight
+
+__all__ = ["DSMLoss", "draw_perturbation", "residual"]
+
+
+def draw_perturbation(sde: SDE, x0: torch.Tensor, t=None, noise=None, generator=None):
+    """``(t [B], x_t, eps)``: draws ``t ~ U(t_min, 1)`` unless given (float or ``[B]``), then ``x_t``.
+
+    ``x_t`` is computed in fp32 or wider (it is differentiated by energies and critics)."""
+    if not x0.is_floating_point():
+        raise TypeError(f"x0 must be a floating tensor, got {x0.dtype}")
+    if x0.dtype in (torch.float16, torch.bfloat16):
+        x0 = x0.float()
+    B = x0.shape[0]
+    if t is None:
+        t = sde.sample_t(B, generator=generator, device=x0.device, dtype=x0.dtype)
+    else:
+        t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
+        t = t.expand(B) if t.dim() == 0 else t
+        if t.shape != (B,):
+            raise ValueError(f"t must be a float or a [B] tensor with B={B}, got shape {tuple(t.shape)}")
+    xt, eps = sde.perturb(x0, t, noise=noise, generator=generator)
+    return t, xt, eps
+
+
+def residual(sde: SDE, score: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Scaled DSM residual ``sigma_t r = sigma_t s_theta + eps`` (finite as ``sigma_t -> 0``)."""
+    return broadcast_to(sde.sigma(t), eps) * score.to(eps.dtype) + eps
+
+
+class DSMLoss:
+    """L2 / denoising score-matching objective.
+
+    Args:
+        sde: the forward process.
+        weighting: ``"sigma2"`` (eps-prediction, default), ``"likelihood"`` (``g^2``), ``"none"``, or a
+            callable ``(sde, t[B]) -> [B]``.
+    Call: ``objective(model, x0, t=None, noise=None, generator=None) -> [B]`` (unreduced; the caller
+    reduces), where ``model(x, t)`` returns the score. Dimensions are summed, so at the exact score
+    ``E[loss | t] = lambda(t) (d / sigma_t^2 - E|grad log p_t|^2)``.
+    """
+
+    name = "l2"
+
+    def __init__(self, sde: SDE, weighting="sigma2"):
+        self.sde = sde
+        self.weighting = resolve_weighting(weighting)
+
+    def __call__(self, model, x0: torch.Tensor, t=None, noise=None, generator=None) -> torch.Tensor:
+        t, xt, eps = draw_perturbation(self.sde, x0, t, noise, generator)
+        sr = residual(self.sde, model(xt, t), eps, t)                     # sigma_t r
+        lam = weight(self.weighting, self.sde, t) / self.sde.sigma(t) ** 2
+        return lam * sr.flatten(1).pow(2).sum(1)
