@@ -84,10 +84,10 @@ class ScoreModel(nn.Module):
         out = out.to(x.dtype)
         if self.output == "score":
             return out
-        sigma = broadcast_to(self.sde.sigma(t), x)
+        sigma = broadcast_to(self.sde.sigma(t).to(x.dtype), x)      # x's dtype even when t is wider
         if self.output == "eps":
             return -out / sigma
-        alpha = broadcast_to(self.sde.alpha(t), x)
+        alpha = broadcast_to(self.sde.alpha(t).to(x.dtype), x)
         return (alpha * out - x) / sigma**2
 
 
@@ -136,6 +136,8 @@ class EnergyScore(nn.Module):
     callable ``(f, x, sigma_t: [B]) -> [B]``). The gradient is taken inside ``forward`` with
     ``create_graph`` whenever grad mode is on (training), on a copy of ``x`` (never mutated);
     attention runs on the math kernel so diffusers UNets with attention blocks double-backward.
+    In training every parameter that enters ``E`` gets a gradient (an exact zero for one that only
+    shifts ``E`` by a constant in ``x``), so DDP works without ``find_unused_parameters``.
 
     Shapes: ``forward(x: [B, *D], t: [B] or float) -> [B, *D]``; ``energy(x, t) -> [B]``.
     """
@@ -162,5 +164,10 @@ class EnergyScore(nn.Module):
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         t = _time(t, x)
-        grad, _ = input_gradient(self.energy, x, t)
+        grad, value = input_gradient(self.energy, x, t)
+        if grad.requires_grad:
+            # Parameters that shift E by a constant in x (e.g. the last bias of a scalar head) get no gradient
+            # through -grad_x E; DDP then fails on the next step ("Expected to have finished reduction").
+            # A zero-weighted E term gives them an exact zero gradient instead of None.
+            grad = grad + 0.0 * value.sum()
         return -grad
