@@ -1,0 +1,63 @@
+"""A scalar critic ``psi(x, t)`` whose input gradient estimates the gradient part of the score error
+(THEORY sections 5-6).
+
+The critic is trained to maximise ``J(psi) = E[2 r . grad psi - |grad psi|^2]`` with the DSM residual
+``r = s_theta(x_t, t) + eps / sigma_t``; at the optimum ``grad psi = Pi_G e_t``. Because ``r`` is of
+order ``eps / sigma_t``, the potential is ``psi = psi~ / sigma_t`` with ``psi~`` the backbone's
+output: a plain network (outputs of order one) then has the right scale at every ``t``, exactly as
+``EnergyScore`` does for the score.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .double_backward import input_gradient, math_attention
+from .parametrisation import _time, call_backbone
+from .sde import SDE
+
+__all__ = ["Critic"]
+
+
+class Critic(nn.Module):
+    """``grad_x psi(x, t)`` from a scalar backbone, computed inside ``forward``.
+
+    Args:
+        backbone: module ``(x, t) -> [B]`` (or ``[B, 1]``), one scalar per sample; any backbone
+            accepted by ``call_backbone`` (``TimeMLP(d, out_dim=1)``, a diffusers model...).
+        sde: the forward process (for ``sigma_t`` and diffusers timesteps).
+        time_input: ``"auto"``, ``"t"`` or ``"timestep"`` (see ``call_backbone``).
+    Shapes: ``forward(x: [B, *D], t: [B] or float) -> grad_x psi [B, *D]``;
+    ``potential(x, t) -> psi [B]``.
+
+    The gradient is taken inside ``forward`` (with ``create_graph`` whenever grad mode is on) so a
+    DDP-wrapped critic sees one ordinary graph. Parameters that ``grad_x psi`` does not depend on
+    (the last bias of a scalar head) get an exact zero gradient through a ``0 * psi`` term, so DDP
+    with ``find_unused_parameters=False`` (accelerate's default) does not wait for them.
+    """
+
+    def __init__(self, backbone: nn.Module, sde: SDE, time_input: str = "auto"):
+        super().__init__()
+        if time_input not in ("auto", "t", "timestep"):
+            raise ValueError(f"time_input must be 'auto', 't' or 'timestep', got {time_input!r}")
+        self.backbone, self.sde, self.time_input = backbone, sde, time_input
+
+    def potential(self, x: torch.Tensor, t) -> torch.Tensor:
+        """``psi(x, t) = psi~(x, t) / sigma_t``, shape ``[B]``."""
+        t = _time(t, x)
+        with math_attention():
+            out = call_backbone(self.backbone, x, t, self.sde, self.time_input)
+        if out.dim() == 2 and out.shape[1] == 1:
+            out = out[:, 0]
+        if out.shape != (x.shape[0],):
+            raise ValueError(
+                f"critic backbone must return one scalar per sample, shape [{x.shape[0]}] or [{x.shape[0]}, 1], "
+                f"got {tuple(out.shape)} (for TimeMLP use out_dim=1)")
+        return out.to(x.dtype) / self.sde.sigma(t).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        t = _time(t, x)
+        grad, value = input_gradient(self.potential, x, t)
+        if torch.is_grad_enabled():                                   # zero gradient for every parameter
+            grad = grad + 0.0 * value.reshape(-1, *([1] * (x.dim() - 1)))
+        return grad.to(x.dtype)

@@ -1,0 +1,118 @@
+"""Jacobian-asymmetry penalty, the quasi-conservative baseline (THEORY section 7).
+
+``1/2 ||J - J^T||_F^2`` with ``J = d s_theta / d x`` is estimated by Hutchinson's trick,
+``E_v 1/2 |J v - J^T v|^2`` for probes with ``E[v v^T] = I`` (Rademacher or Gaussian). For a
+fixed ``v`` both products come from reverse-mode autograd (no ``backward`` inside the loss):
+
+    u := v (a leaf requiring grad)
+    J^T v = grad_x (s . u)                     (vjp, create_graph)
+    J v   = grad_u (J^T u . v)                 (the vjp is linear in u: the "double-vjp" trick)
+
+so the penalty is exact for the probe drawn and differentiable in the model's parameters.
+Baseline caveat: it also penalises harmless fields, e.g. ``c J grad log p_t`` (solenoidal for
+``p_t``, so invisible to every sampler) has an asymmetric Jacobian.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..double_backward import math_attention
+from ..sde import SDE
+from .dsm import draw_perturbation, residual
+from .weighting import resolve_weighting, weight
+
+__all__ = ["AsymmetryPenalty", "asymmetry_probe", "draw_probes", "PROBES"]
+
+PROBES = ("rademacher", "gaussian")
+
+
+def asymmetry_probe(score: torch.Tensor, x: torch.Tensor, v: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
+    """``1/2 |J v - J^T v|^2`` per sample, ``[B]``, with ``J = d score / d x`` (per sample).
+
+    Args:
+        score: ``[B, *D]``, computed from ``x`` (``x.requires_grad`` must be true).
+        x: ``[B, *D]`` the input the score was computed from.
+        v: probe ``[B, *D]``.
+        create_graph: keep the graph (to train through the penalty).
+    """
+    if not x.requires_grad:
+        raise ValueError("x must require grad and the score must be computed from it")
+    if score.shape != x.shape or v.shape != x.shape:
+        raise ValueError(f"score {tuple(score.shape)}, x {tuple(x.shape)} and probe {tuple(v.shape)} must have one shape")
+    s = score.float() if score.dtype in (torch.float16, torch.bfloat16) else score
+    v = v.to(s.dtype)
+    u = v.detach().clone().requires_grad_(True)
+    (jt_u,) = torch.autograd.grad(s, x, u, create_graph=True)            # J^T u (= J^T v), linear in u
+    (j_v,) = torch.autograd.grad(jt_u, u, v, create_graph=create_graph)  # J v
+    if not create_graph:
+        jt_u = jt_u.detach()
+    return 0.5 * (j_v - jt_u.to(j_v.dtype)).flatten(1).pow(2).sum(1)
+
+
+def draw_probes(shape, probe: str = "rademacher", generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Hutchinson probes with ``E[v v^T] = I``: ``"rademacher"`` (+-1) or ``"gaussian"``."""
+    if probe == "rademacher":
+        return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
+    if probe == "gaussian":
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+
+
+class AsymmetryPenalty:
+    """DSM plus a Hutchinson-estimated Jacobian-asymmetry penalty.
+
+    Per sample: ``lambda(t) |r|^2 + asymmetry_weight * lambda(t) sigma_t^2 * 1/2 |(J - J^T) v|^2``
+    (mean over ``probes`` probes), ``r = s_theta + eps / sigma_t``. The factor ``sigma_t^2`` makes the
+    penalty that of the Jacobian of ``sigma_t^2 s_theta = alpha_t x0_hat - x_t``, which is of order one
+    at every ``t`` (``J`` itself grows like ``1 / sigma_t^2``); with ``lambda = sigma_t^2`` it is
+    ``sigma_t^4 ||J - J^T||_F^2 / 2`` in expectation.
+
+    Args:
+        sde: the forward process.
+        weighting: ``lambda(t)`` as for ``DSMLoss``.
+        asymmetry_weight: weight of the penalty (>= 0; 0 is plain DSM).
+        probes: Hutchinson probes per sample (each costs two extra vector-Jacobian products).
+        probe: ``"rademacher"`` (default, lower variance) or ``"gaussian"``.
+    Call: ``objective(model, x0, t=None, noise=None, generator=None, probe_vectors=None) -> [B]``;
+    ``probe_vectors: [probes, B, *D]`` overrides the draw (drawn from ``generator`` after ``t`` and
+    the noise otherwise). Works under autocast (``x_t`` stays fp32, the score is upcast before
+    differentiation) and under DDP: only ``autograd.grad`` is called, never ``backward``.
+    """
+
+    name = "asymmetry"
+    critic = None
+    n_critic = 0
+
+    def __init__(self, sde: SDE, weighting="sigma2", asymmetry_weight: float = 1.0, probes: int = 1,
+                 probe: str = "rademacher"):
+        if not isinstance(asymmetry_weight, (int, float)) or isinstance(asymmetry_weight, bool) or asymmetry_weight < 0:
+            raise ValueError(f"asymmetry_weight must be a non-negative number, got {asymmetry_weight!r}")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+        self.sde, self.weighting = sde, resolve_weighting(weighting)
+        self.asymmetry_weight, self.probes, self.probe = float(asymmetry_weight), probes, probe
+
+    def __call__(self, model, x0: torch.Tensor, t=None, noise=None, generator=None, probe_vectors=None) -> torch.Tensor:
+        t, xt, eps = draw_perturbation(self.sde, x0, t, noise, generator)
+        x = xt.detach().requires_grad_(True)
+        with math_attention():                      # fused SDPA kernels have no double backward
+            score = model(x, t)
+        if score.shape != x.shape:
+            raise ValueError(f"model returned shape {tuple(score.shape)}, expected x's shape {tuple(x.shape)}")
+        sigma = self.sde.sigma(t)
+        lam = weight(self.weighting, self.sde, t)
+        loss = lam / sigma**2 * residual(self.sde, score, eps, t).flatten(1).pow(2).sum(1)
+        if self.asymmetry_weight == 0:
+            return loss
+        if probe_vectors is None:
+            probe_vectors = draw_probes((self.probes, *x.shape), self.probe, generator, x.device, x.dtype)
+        elif probe_vectors.shape != (self.probes, *x.shape):
+            raise ValueError(f"probe_vectors must have shape {(self.probes, *x.shape)} [probes, B, *D], "
+                             f"got {tuple(probe_vectors.shape)}")
+        penalty = sum(asymmetry_probe(score, x, v) for v in probe_vectors) / self.probes
+        return loss + self.asymmetry_weight * lam * sigma**2 * penalty
+
+    def __repr__(self):
+        return f"AsymmetryPenalty(asymmetry_weight={self.asymmetry_weight}, probes={self.probes}, probe={self.probe!r})"
