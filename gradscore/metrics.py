@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["energy_distance", "sliced_wasserstein", "energy_distance_floor"]
+__all__ = ["energy_distance", "sliced_wasserstein", "energy_distance_floor", "gaussian_stats", "frechet_distance"]
 
 
 def _mean_dist(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -45,3 +45,26 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 256,
     px, _ = (x @ v).sort(0)
     py, _ = (y @ v).sort(0)
     return float((px - py).pow(2).mean().sqrt())
+
+
+def gaussian_stats(features: torch.Tensor):
+    """Mean ``[F]`` and covariance ``[F, F]`` (unbiased, float64) of ``features: [N, F]``."""
+    f = features.reshape(features.shape[0], -1).double()
+    if f.shape[0] < 2:
+        raise ValueError(f"gaussian_stats needs at least 2 samples, got {f.shape[0]}")
+    mu = f.mean(0)
+    c = f - mu
+    return mu, c.T @ c / (f.shape[0] - 1)
+
+
+def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """Frechet (2-Wasserstein squared) distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)``:
+    ``|mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1^1/2 cov2 cov1^1/2)^1/2)`` (float64, symmetric square roots)."""
+    mu1, mu2, cov1, cov2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, mu2, cov1, cov2))
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.numel(), mu1.numel()):
+        raise ValueError(f"frechet_distance: shapes disagree: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, cov {tuple(cov1.shape)}/{tuple(cov2.shape)}")
+    lam, U = torch.linalg.eigh(0.5 * (cov1 + cov1.T))
+    root1 = (U * lam.clamp(min=0).sqrt()) @ U.T
+    m = root1 @ (0.5 * (cov2 + cov2.T)) @ root1
+    tr_cross = torch.linalg.eigvalsh(0.5 * (m + m.T)).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * tr_cross)

@@ -1,0 +1,102 @@
+"""Config validation: every problem is one ConfigError naming the key/file and what was expected,
+raised on load, before any compute."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from train.build import check_objective_config
+from train.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+# Training configs only: configs/ablations/ holds ablation grids (validated in test_ablate.py).
+TRAINING_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml"))
+                          if os.sep + "ablations" + os.sep not in p)
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS)
+def test_shipped_configs_load_and_name_a_registered_objective(path):
+    import gradscore
+
+    cfg = load_config(path)
+    spec = check_objective_config(cfg)
+    assert os.path.splitext(os.path.basename(path))[0] == cfg.objective.name
+    assert spec.parametrisation in ("score", "energy")
+    assert cfg.objective.name in gradscore.OBJECTIVES
+
+
+def test_every_objective_has_a_config_in_each_family():
+    import gradscore
+
+    for family in ("toy", "digits", "cifar10"):
+        for name in gradscore.OBJECTIVES:
+            assert os.path.isfile(os.path.join(ROOT, "configs", family, f"{name}.yaml")), (family, name)
+
+
+def test_missing_file_is_named():
+    with pytest.raises(ConfigError, match=r"'nope/missing.yaml' does not exist"):
+        load_config("nope/missing.yaml")
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("train: {lrr: 0.1}\n", r"unknown key 'train.lrr'; expected one of batch_size, .*lr"),
+    ("trian: {lr: 0.1}\n", r"unknown key 'trian'"),
+    ("train: {batch_size: 12.5}\n", r"train.batch_size must be an integer, got 12.5"),
+    ("train: {lr: fast}\n", r"train.lr must be a number, got 'fast'"),
+    ("train: {clip_grad: [1]}\n", r"train.clip_grad must be a number or null"),
+    ("sde: {type: vpp}\n", r"sde.type must be one of 'vp', 've'"),
+    ("model: {block_out_channels: [32, x]}\n", r"model.block_out_channels\[1\] must be an integer"),
+    ("train: 3\n", r"train must be a mapping"),
+    ("- a\n- b\n", r"top level must be a mapping"),
+    ("train: {lr: -1.0}\n", r"train.lr must be > 0"),
+    ("data: {kind: imagefolder}\n", r"data.data_dir is required"),
+    ("data: {kind: imagefolder, data_dir: /no/such/dir}\nmodel: {kind: unet}\n", r"data.data_dir '/no/such/dir' is not a directory"),
+    ("data: {kind: digits}\n", r"model.kind='mlp' needs toy data"),
+])
+def test_bad_files_fail_with_key_and_expectation(tmp_path, text, pattern):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config(path)
+    assert path in str(info.value)
+
+
+def test_overrides_are_typed_like_the_file():
+    cfg = load_config(os.path.join(ROOT, "configs", "toy", "l2.yaml"),
+                      ["train.lr=1e-3", "train.max_steps=7", "data.preset=grid9", "eval.diag_times=[0.1, 0.3]",
+                       "train.clip_grad=null", "train.mixed_precision=no", "objective.hparams.weighting=likelihood"])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7 and cfg.data.preset == "grid9" and cfg.eval.diag_times == [0.1, 0.3]
+    assert cfg.train.clip_grad is None and cfg.train.mixed_precision == "no"
+    assert cfg.objective.hparams == {"weighting": "likelihood"}
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("train.lrr=1", r"unknown key 'train.lrr'"),
+    ("train.max_steps=ten", r"train.max_steps must be an integer, got 'ten'"),
+    ("train.lr", r"must look like section.key=value"),
+    ("train.batch_size.x=1", r"'batch_size' is not a section"),
+])
+def test_bad_overrides(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(os.path.join(ROOT, "configs", "toy", "l2.yaml"), [override])
+
+
+def test_objective_hparams_checked_against_the_registry():
+    base = os.path.join(ROOT, "configs", "toy", "l2.yaml")
+    with pytest.raises(ConfigError, match=r"objective.hparams.n_critic is not a hyperparameter of 'l2'"):
+        check_objective_config(load_config(base, ["objective.hparams.n_critic=2"]))
+    with pytest.raises(ConfigError, match=r"objective.name='l3' is not a known objective"):
+        check_objective_config(load_config(base, ["objective.name=l3"]))
+    with pytest.raises(ConfigError, match=r"n_critic must be int"):
+        check_objective_config(load_config(os.path.join(ROOT, "configs", "toy", "dual_sobolev.yaml"),
+                                           ["objective.hparams.n_critic=two"]))

@@ -1,0 +1,190 @@
+"""From a ``Config`` to the objects of a run: process, data, score model, critic, objective.
+
+``load_trained(config, checkpoint_dir) -> (sde, score_model, sample_x0)`` rebuilds a trained
+score model from a checkpoint (EMA weights when ``config.eval.use_ema`` and saved), for the
+diagnostics CLI and notebooks.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import gradscore
+from gradscore import EnergyScore, ScoreModel, TimeMLP, VESDE, VPSDE
+from gradscore.sde import SDE
+
+from .config import Config, ConfigError
+from .data import build_source
+
+__all__ = ["ObjectiveSpec", "objective_spec", "build_sde", "build_backbone", "build_score_model", "build_critic",
+           "build_objective", "check_objective_config", "load_trained", "ScalarUNet"]
+
+
+@dataclass
+class ObjectiveSpec:
+    """Fallback spec (used until ``gradscore.OBJECTIVES`` exists): what the driver needs to know."""
+    name: str
+    parametrisation: str = "score"
+    needs_critic: bool = False
+    defaults: dict = field(default_factory=dict)
+
+
+_FALLBACK = {"l2": ObjectiveSpec("l2", "score", False, {"weighting": "sigma2"})}
+
+
+def _registry() -> dict:
+    return getattr(gradscore, "OBJECTIVES", None) or _FALLBACK
+
+
+def objective_spec(name: str):
+    reg = _registry()
+    if name not in reg:
+        raise ConfigError(f"objective.name={name!r} is not a known objective; expected one of {sorted(reg)}")
+    return reg[name]
+
+
+def check_objective_config(cfg: Config):
+    """Hyperparameters against the spec's defaults: no unknown key, same type as the default."""
+    spec = objective_spec(cfg.objective.name)
+    defaults = dict(getattr(spec, "defaults", {}) or {})
+    for k, v in cfg.objective.hparams.items():
+        if k not in defaults:
+            raise ConfigError(f"objective.hparams.{k} is not a hyperparameter of {cfg.objective.name!r}; "
+                              f"expected one of {sorted(defaults) or '(none)'}")
+        d = defaults[k]
+        if d is None or callable(d) or v is None:
+            continue
+        if isinstance(d, bool) != isinstance(v, bool) or (isinstance(d, (int, float)) and not isinstance(v, (int, float))) \
+                or (isinstance(d, str) and not isinstance(v, str)) or (isinstance(d, int) and not isinstance(d, bool)
+                                                                    and isinstance(v, float) and not v.is_integer()):
+            raise ConfigError(f"objective.hparams.{k} must be {type(d).__name__} like its default {d!r}, got {v!r}")
+    if spec.parametrisation == "energy" and cfg.model.kind == "unet" and cfg.model.energy == "scalar":
+        raise ConfigError("model.energy='scalar' needs a backbone returning [B]; with model.kind='unet' use inner, norm or residual")
+    return spec
+
+
+def build_sde(cfg: Config) -> SDE:
+    s = cfg.sde
+    if s.type == "vp":
+        sde = VPSDE(s.beta_min, s.beta_max) if s.t_min is None else VPSDE(s.beta_min, s.beta_max, t_min=s.t_min)
+    else:
+        sde = VESDE(s.sigma_min, s.sigma_max) if s.t_min is None else VESDE(s.sigma_min, s.sigma_max, t_min=s.t_min)
+    return sde
+
+
+def _unet(shape, m, out_channels=None):
+    from diffusers import UNet2DModel
+
+    C, H, W = shape
+    if H != W:
+        raise ConfigError(f"model.kind='unet' needs square images, got {H}x{W}; set data.resolution")
+    n = len(m.block_out_channels)
+    if H % (2 ** (n - 1)):
+        raise ConfigError(f"images of size {H} cannot be halved {n - 1} times (model.block_out_channels={m.block_out_channels})")
+    for c in m.block_out_channels:
+        if c % m.norm_num_groups:
+            raise ConfigError(f"every model.block_out_channels must be divisible by norm_num_groups={m.norm_num_groups}, got {c}")
+    return UNet2DModel(sample_size=H, in_channels=C, out_channels=out_channels or C,
+                       block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+                       down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
+                       norm_num_groups=m.norm_num_groups, add_attention=m.attention)
+
+
+def build_backbone(cfg: Config, shape, scalar: bool = False) -> nn.Module:
+    m = cfg.model
+    if m.kind == "mlp":
+        if len(shape) != 1:
+            raise ConfigError(f"model.kind='mlp' needs vectors [B, d], data has shape {shape}")
+        return TimeMLP(shape[0], hidden=m.hidden, depth=m.depth, out_dim=1 if scalar else None)
+    return _unet(shape, m)
+
+
+class ScalarUNet(nn.Module):
+    """A scalar field ``psi(x, t) = <x, f(x, t)> / 2`` from a small UNet ``f`` (image critics); ``[B]``."""
+
+    def __init__(self, unet: nn.Module, sde: SDE):
+        super().__init__()
+        self.unet, self.sde = unet, sde
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        f = self.unet(x, self.sde.timestep(t)).sample
+        return 0.5 * (x * f.to(x.dtype)).flatten(1).sum(1)
+
+
+def build_score_model(cfg: Config, sde: SDE, shape, spec) -> nn.Module:
+    if spec.parametrisation == "energy":
+        backbone = build_backbone(cfg, shape, scalar=cfg.model.energy == "scalar")
+        return EnergyScore(backbone, sde, energy=cfg.model.energy)
+    if spec.parametrisation != "score":
+        raise ConfigError(f"objective {spec.name!r} has parametrisation {spec.parametrisation!r}; expected 'score' or 'energy'")
+    return ScoreModel(build_backbone(cfg, shape), sde, output=cfg.model.output)
+
+
+def build_critic(cfg: Config, sde: SDE, shape) -> nn.Module:
+    Critic = getattr(gradscore, "Critic", None)
+    if Critic is None:
+        raise ConfigError(f"objective {cfg.objective.name!r} needs a critic but gradscore.Critic is not available")
+    c = cfg.critic
+    if len(shape) == 1:
+        backbone = TimeMLP(shape[0], hidden=c.hidden, depth=c.depth, out_dim=1)
+    else:
+        m = type(cfg.model)(kind="unet", block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+                            norm_num_groups=c.norm_num_groups, attention=False)
+        backbone = ScalarUNet(_unet(shape, m), sde)
+    return Critic(backbone, sde)
+
+
+def build_objective(cfg: Config, sde: SDE, critic=None):
+    """The objective instance ``objective(model, x0) -> [B]``."""
+    name, hp = cfg.objective.name, dict(cfg.objective.hparams)
+    factory = getattr(gradscore, "build_objective", None)
+    if factory is not None and hasattr(gradscore, "OBJECTIVES"):
+        kwargs = {"critic": critic} if critic is not None else {}
+        return factory(name, sde, **kwargs, **hp)
+    if name != "l2":
+        raise ConfigError(f"objective {name!r} needs gradscore.build_objective, which is not available yet")
+    return gradscore.DSMLoss(sde, **hp)
+
+
+def _load_weights(model: nn.Module, ckpt: str, use_ema: bool) -> str:
+    path = os.path.join(ckpt, "score_model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt!r} has no score_model.safetensors")
+    model.load_state_dict(load_file(path))
+    ema_path = os.path.join(ckpt, "ema.safetensors")
+    if use_ema and os.path.isfile(ema_path):
+        shadow = load_file(ema_path)
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(shadow[k].to(p.dtype))
+        return "ema"
+    return "raw"
+
+
+def load_trained(config: Config, checkpoint_dir: str, device=None, use_ema: bool | None = None):
+    """``(sde, score_model, sample_x0)`` from a checkpoint folder (or a run folder: its latest).
+
+    ``score_model(x [B, *D], t [B]) -> score`` is in eval mode on ``device``; ``sample_x0(n)``
+    draws ``n`` training examples ``[n, *D]`` (fresh mixture samples for toys)."""
+    from .checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint_dir)
+    spec = check_objective_config(config)
+    sde = build_sde(config)
+    source = build_source(config.data)
+    model = build_score_model(config, sde, source.shape, spec)
+    _load_weights(model, ckpt, config.eval.use_ema if use_ema is None else use_ema)
+    model.eval().to(device or "cpu")
+    return sde, model, source.sample_x0
+
+
+def accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,286 @@
+"""The training loop: one loop for every objective, on accelerate.
+
+``run(config, output_dir, resume=None, max_steps=None, progress=True) -> dict`` trains and returns
+the final metrics (also written to ``<output_dir>/final_metrics.json``). It is what
+``train/train.py`` calls and what an ablation runner should call.
+
+Reproducibility: every micro-batch reseeds the random state from ``(seed, step, phase, j)`` with
+``j = micro * num_processes + rank`` its index within the global batch, and draws its examples
+from ``BatchPlan``. So a resumed run repeats the uninterrupted one exactly (model, optimizer and
+EMA come from the checkpoint; everything random is a function of the step), and splitting one
+global batch over processes or accumulation micro-batches draws the same examples and noise.
+
+Per optimizer step: ``n_critic - 1`` critic-only steps (``objective.critic_loss``, score model
+unwrapped so its gradients stay local and are dropped), then the objective's step on score model and
+critic together; gradient clipping, a non-finite guard (before the update, agreed across ranks),
+the learning-rate warm-up and the EMA of the score model.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+import yaml
+
+from .build import build_critic, build_objective, build_score_model, build_sde, check_objective_config
+from .checkpoint import latest_checkpoint, read_step, resolve_checkpoint, save_checkpoint
+from .config import Config, config_to_dict
+from .data import BatchPlan, build_source, micro_seed
+from .ema import EMA
+from .logbook import Logbook
+from . import report
+
+__all__ = ["run", "Trainer", "NonFiniteLoss", "resolve_mixed_precision"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced NaN/Inf; the last checkpoint on disk is intact."""
+
+
+def resolve_mixed_precision(mode: str) -> str:
+    if mode == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return mode
+
+
+def _make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    # cpu=True without CUDA: under `accelerate launch --multi_gpu` on CPU this is what makes the
+    # processes join one gloo group instead of each believing it is rank 0 of 1 (ENGINEERING.md).
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+                       gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def _lr_scale(step: int, warmup: int) -> float:
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+
+
+def seed_global_rng(seed: int, device: torch.device) -> None:
+    """Seed the global generator the objectives draw ``t`` and noise from (``generator=None``).
+
+    On CPU only the CPU generator is seeded: ``torch.manual_seed`` also queues a lazy CUDA seeding
+    (with a captured stack trace) on every call, which was 1.4 ms of a 6 ms toy step (benchmarks/)."""
+    if device.type == "cpu":
+        torch.random.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run; ``Trainer(config, output_dir, resume, progress).train() -> metrics``.
+    Attributes after construction: ``acc`` (the Accelerator), ``model`` and ``critic`` (prepared),
+    ``objective``, ``ema``, ``source``, ``sde``, ``start_step``."""
+    def __init__(self, cfg: Config, output_dir: str, resume, progress: bool):
+        self.cfg, self.output_dir, self.progress = cfg, output_dir, progress
+        self.spec = check_objective_config(cfg)
+        self.acc = acc = _make_accelerator(cfg)
+        self.main = acc.is_main_process
+        self.source = build_source(cfg.data)
+        self.plan = BatchPlan(self.source, cfg.train.batch_size, acc.num_processes * cfg.train.grad_accum, cfg.train.seed)
+        self.sde = build_sde(cfg)
+        torch.manual_seed(cfg.train.seed)                       # identical initial weights on every rank
+        model = build_score_model(cfg, self.sde, self.source.shape, self.spec)
+        critic = build_critic(cfg, self.sde, self.source.shape) if getattr(self.spec, "needs_critic", False) else None
+        self.objective = build_objective(cfg, self.sde, critic)
+        critic = getattr(self.objective, "critic", None)
+        groups = [{"params": list(model.parameters()), "lr": cfg.train.lr}]
+        if critic is not None:
+            groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.train.lr})
+        self.base_lrs = [g["lr"] for g in groups]
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        if critic is not None:
+            self.model, self.critic, self.opt = acc.prepare(model, critic, opt)
+            self.objective.critic = self.critic                   # the objective must use the prepared module
+        else:
+            self.model, self.opt = acc.prepare(model, opt)
+            self.critic = None
+        self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
+        acc.register_for_checkpointing(self.ema)
+        self.logbook = Logbook(output_dir, enabled=self.main)
+        self.start_step = 0
+        self.last_checkpoint = None
+        if resume:
+            ckpt = latest_checkpoint(output_dir) if resume == "latest" else resolve_checkpoint(resume)
+            if ckpt is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(output_dir, 'checkpoints')}")
+            acc.load_state(ckpt)
+            self.start_step = read_step(ckpt)
+            self.last_checkpoint = ckpt
+            if self.main:
+                log.info("resumed from %s at step %d", ckpt, self.start_step)
+
+    # ------------------------------------------------------------------------- one phase
+    def _params(self):
+        ps = list(self.model.parameters())
+        return ps + (list(self.critic.parameters()) if self.critic is not None else [])
+
+    def _phase(self, step: int, phase: int, loss_fn, term: str):
+        """``grad_accum`` micro-batches then one optimizer step; returns ``(mean loss, grad norm)``."""
+        acc, cfg = self.acc, self.cfg
+        total = torch.zeros((), device=acc.device)
+        models = [self.model] + ([self.critic] if self.critic is not None else [])
+        for micro in range(cfg.train.grad_accum):
+            j = micro * acc.num_processes + acc.process_index
+            seed = micro_seed(cfg.train.seed, step, phase, j)
+            seed_global_rng(seed, acc.device)
+            g = torch.Generator().manual_seed(seed)
+            x0 = self.plan.micro(step, j, g).to(acc.device)
+            with acc.accumulate(*models):
+                loss = loss_fn(x0).mean()
+                acc.backward(loss)
+                total += loss.detach().float() / cfg.train.grad_accum
+                if acc.sync_gradients:
+                    if phase > 0:                                   # critic-only step: drop score-model gradients
+                        for p in self.model.parameters():
+                            p.grad = None
+                    params = [p for p in self._params() if p.grad is not None]
+                    gn = acc.clip_grad_norm_(params, cfg.train.clip_grad or float("inf")) if params else torch.zeros(())
+                    gn = torch.as_tensor(gn, device=acc.device).float()
+                    bad = acc.reduce(torch.stack([(~torch.isfinite(total)).float(), (~torch.isfinite(gn)).float()]), "sum")
+                    if bad.sum() > 0:
+                        self._diverged(step, term, total, gn, bad)
+                    self.opt.step()
+                    self.opt.zero_grad(set_to_none=True)
+        return total, gn
+
+    def _diverged(self, step, term, total, gn, bad):
+        what = f"loss term {term!r}" if bad[0] > 0 else f"gradient norm of loss term {term!r}"
+        msg = (f"non-finite {what} at step {step + 1} (local loss {float(total):.4g}, grad norm {float(gn):.4g}); "
+               f"stopped before the update. Last good checkpoint: {self.last_checkpoint or 'none yet'}")
+        if self.main:
+            self.logbook.log(step, {"diverged": 1.0})
+        raise NonFiniteLoss(msg)
+
+    # ------------------------------------------------------------------------- evaluation
+    def _eval_model(self):
+        """A plain eval-mode copy of the score model (EMA weights if configured)."""
+        m = build_score_model(self.cfg, self.sde, self.source.shape, self.spec)
+        m.load_state_dict(self.acc.unwrap_model(self.model, keep_fp32_wrapper=False).state_dict())
+        if self.cfg.eval.use_ema:
+            self.ema.copy_to(m)
+        return m.to(self.acc.device).eval()
+
+    def evaluate(self, step: int, samples: bool, diagnostics: bool, final: bool = False) -> dict:
+        """Main process only: plots, diagnostics, (final) quality. Returns the metrics it logged."""
+        cfg, out = self.cfg, {}
+        model = self._eval_model()
+        if samples:
+            n = cfg.eval.num_samples if final else min(cfg.eval.num_samples, 1000)
+            x = report.draw_samples(model, self.sde, self.source.shape, n, cfg.eval.method, cfg.eval.sample_steps,
+                                    micro_seed(cfg.train.seed, step, 99), self.acc.device)
+            os.makedirs(os.path.join(self.output_dir, "samples"), exist_ok=True)
+            path = os.path.join(self.output_dir, "samples", f"step-{step:07d}.png")
+            if len(self.source.shape) == 1:
+                data = self.source.sample_x0(n, generator=torch.Generator().manual_seed(1))
+                report.save_scatter(x, data, path, title=f"{cfg.objective.name}, step {step}")
+            else:
+                report.save_grid(x, path)
+            self.logbook.image(step, "samples", path)
+            if final and cfg.eval.quality:
+                out.update(report.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98), self.acc.device))
+            if final:
+                torch.save(x, os.path.join(self.output_dir, "samples", f"step-{step:07d}.pt"))
+        if diagnostics:
+            g = torch.Generator().manual_seed(micro_seed(cfg.train.seed, step, 97))
+            x0 = self.source.sample_x0(cfg.eval.diag_samples, generator=g).to(self.acc.device)
+            true = self.source.mixture.score_fn(self.sde) if hasattr(self.source, "mixture") else None
+            g_dev = torch.Generator(device=self.acc.device).manual_seed(micro_seed(cfg.train.seed, step, 96))
+            out.update(report.diagnose(model, self.sde, x0, cfg.eval.diag_times, true_score=true, generator=g_dev))
+        if out:
+            self.logbook.log(step, out)
+        return out
+
+    # ------------------------------------------------------------------------- main loop
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        config_dict = config_to_dict(cfg)
+        if self.main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(config_dict, f, sort_keys=False)
+        n_critic = int(getattr(self.objective, "n_critic", 1) or 1) if self.critic is not None else 1
+        term = cfg.objective.name
+        bar = tqdm(total=cfg.train.max_steps, initial=self.start_step, disable=not (self.main and self.progress),
+                   desc=f"train {term}", dynamic_ncols=True)
+        loss = gn = torch.zeros(())
+        self.model.train()
+        if self.critic is not None:
+            self.critic.train()
+        unwrapped = acc.unwrap_model(self.model)
+        last_saved = self.start_step if self.last_checkpoint else None
+        t_loop = time.perf_counter()
+        for step in range(self.start_step, cfg.train.max_steps):
+            scale = _lr_scale(step, cfg.train.warmup_steps)
+            for group, base in zip(self.opt.param_groups, self.base_lrs):
+                group["lr"] = base * scale
+            for k in range(1, n_critic):
+                self._phase(step, k, lambda x0: self.objective.critic_loss(unwrapped, x0), "critic_loss")
+            loss, gn = self._phase(step, 0, lambda x0: self.objective(self.model, x0), term)
+            self.ema.update(unwrapped)
+            done = step + 1
+            bar.update(1)
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                mean_loss = float(acc.reduce(loss.reshape(1), "mean"))
+                if self.main:
+                    bar.set_postfix(loss=f"{mean_loss:.4g}")
+                    self.logbook.log(done, {"train/loss": mean_loss, "train/grad_norm": float(gn),
+                                            "train/lr": self.opt.param_groups[0]["lr"]})
+            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps:
+                self.last_checkpoint = save_checkpoint(acc, self.output_dir, done, self.model, self.ema, config_dict,
+                                                       cfg.train.keep_checkpoints)
+                last_saved = done
+            ev = cfg.eval
+            want_s = ev.sample_every and done % ev.sample_every == 0 and done < cfg.train.max_steps
+            want_d = ev.diagnose_every and done % ev.diagnose_every == 0 and done < cfg.train.max_steps
+            if (want_s or want_d) and self.main:
+                self.evaluate(done, bool(want_s), bool(want_d))
+        bar.close()
+        final_step = cfg.train.max_steps
+        if last_saved != final_step:
+            self.last_checkpoint = save_checkpoint(acc, self.output_dir, final_step, self.model, self.ema, config_dict,
+                                                   cfg.train.keep_checkpoints)
+        metrics = {"step": final_step}
+        if final_step > self.start_step:   # wall time of the optimizer steps of this segment (checkpoints included)
+            metrics["train/seconds_per_step"] = (time.perf_counter() - t_loop) / (final_step - self.start_step)
+        metrics["train/loss"] = float(acc.reduce(loss.reshape(1).to(acc.device), "mean"))
+        if self.main:
+            metrics.update(self.evaluate(final_step, samples=True, diagnostics=True, final=True))
+            with open(os.path.join(self.output_dir, "final_metrics.json"), "w") as f:
+                json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}, f, indent=1)
+        acc.wait_for_everyone()
+        self.logbook.close()
+        return metrics
+
+
+def run(config: Config, output_dir: str, resume: str | None = None, max_steps: int | None = None,
+        progress: bool = True) -> dict:
+    """Train ``config`` into ``output_dir`` and return the final metrics (main process; other ranks
+    return the loss and step only).
+
+    Args:
+        config: a validated ``Config`` (``train.config.load_config``).
+        output_dir: where checkpoints, ``metrics.jsonl``, ``tensorboard/``, ``samples/`` go.
+        resume: ``"latest"`` (the newest checkpoint in ``output_dir``) or a checkpoint folder.
+        max_steps: overrides ``train.max_steps`` (the total, counting resumed steps).
+    Raises:
+        NonFiniteLoss: a loss or gradient became NaN/Inf (message names the step and the term).
+    """
+    if max_steps is not None:
+        config = copy.deepcopy(config)
+        config.train.max_steps = int(max_steps)
+    r = Trainer(config, output_dir, resume, progress)
+    try:
+        return r.train()
+    finally:
+        r.logbook.close()

@@ -1,0 +1,128 @@
+"""What a run reports besides its loss: samples (plots), score diagnostics and sample quality.
+
+All functions take a plain (unwrapped, eval-mode) score model ``(x [B, *D], t [B]) -> score``.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+import torch
+
+from gradscore.sampling import sample
+
+__all__ = ["draw_samples", "save_scatter", "save_grid", "diagnose", "quality"]
+
+log = logging.getLogger(__name__)
+
+
+def draw_samples(score_model, sde, shape, n: int, method: str, steps: int, seed: int, device, chunk: int = 2000):
+    """``n`` samples ``[n, *shape]`` (on CPU) by the reverse SDE / probability-flow ODE."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in range(0, n, chunk):
+        b = min(chunk, n - i)
+        out.append(sample(score_model, sde, (b, *shape), method=method, steps=steps, generator=g, device=device).cpu())
+    return torch.cat(out)
+
+
+def save_scatter(samples: torch.Tensor, data: torch.Tensor, path: str, title: str = ""):
+    """Scatter plot of the first two coordinates of ``samples`` over ``data`` (both ``[N, d]``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    d, s = data.reshape(data.shape[0], -1), samples.reshape(samples.shape[0], -1)
+    ax.scatter(d[:, 0], d[:, 1], s=2, alpha=0.3, c="tab:gray", label="data")
+    ok = torch.isfinite(s).all(1)
+    ax.scatter(s[ok, 0], s[ok, 1], s=2, alpha=0.5, c="tab:blue", label="samples")
+    lim = float(d[:, :2].abs().max()) * 1.3 + 0.1
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7, markerscale=4)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
+    """Save ``images: [N, C, H, W]`` in ``[-1, 1]`` as one PNG grid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = ((images[: nrow * nrow].float().clamp(-1, 1) + 1) / 2).nan_to_num(0.0)
+    n, C, H, W = x.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.ones(C, rows * (H + 1) + 1, nrow * (W + 1) + 1)
+    for k in range(n):
+        r, c = divmod(k, nrow)
+        grid[:, 1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = x[k]
+    img = grid[0] if C == 1 else grid.permute(1, 2, 0)
+    plt.imsave(path, img.numpy(), cmap="gray" if C == 1 else None, vmin=0, vmax=1)
+
+
+def _call(fn, score_fn, sde, x0, t, **maybe):
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in maybe.items() if k in params}
+    est = fn(score_fn, sde, x0, t, **kwargs)
+    value = float(getattr(est, "value", est))
+    stderr = getattr(est, "stderr", None)
+    return value, (None if stderr is None else float(stderr))
+
+
+def diagnose(score_model, sde, x0: torch.Tensor, times, true_score=None, generator=None) -> dict:
+    """Gradient, solenoidal and (toys) L2 errors at each ``t`` in ``times`` with
+    ``gradscore.diagnostics``; ``{}`` with a logged note if that package is not available."""
+    try:
+        from gradscore import diagnostics as D
+    except ImportError:
+        log.info("gradscore.diagnostics not available: skipping score diagnostics")
+        return {}
+    out = {}
+    for t in times:
+        for name in ("gradient_error", "solenoidal_error", "l2_error"):
+            fn = getattr(D, name, None)
+            if fn is None:
+                continue
+            if name == "l2_error" and true_score is None:
+                continue
+            try:
+                value, stderr = _call(fn, score_model, sde, x0, float(t), true_score=true_score, score_true=true_score,
+                                      exact_score=true_score, target_score=true_score, generator=generator)
+            except Exception as e:   # a diagnostic failing must not kill a training run
+                log.warning("diagnostic %s at t=%s failed: %s: %s", name, t, type(e).__name__, e)
+                continue
+            out[f"diag/{name}/t={t:g}"] = value
+            if stderr is not None:
+                out[f"diag/{name}_stderr/t={t:g}"] = stderr
+    return out
+
+
+def quality(source, samples: torch.Tensor, eval_cfg, seed: int, device="cpu") -> dict:
+    """Sample-quality metrics: exact NLL and distances for toys; classifier Frechet distance (and
+    Inception FID when ``eval.fid_weights`` is set) for images."""
+    from gradscore import quality as Q
+
+    g = torch.Generator().manual_seed(seed)
+    if hasattr(source, "mixture"):
+        return {f"quality/{k}": v for k, v in Q.toy_quality(source.mixture, samples, generator=g).items()}
+    out = {}
+    n = min(samples.shape[0], len(source))
+    real = source.sample_x0(n, generator=g)
+    if source.labels is not None:
+        net = Q.feature_net(source.key(), source.images, source.labels, eval_cfg.classifier_cache)
+        out["quality/classifier_fd"] = Q.classifier_frechet_distance(net, real, samples)
+        out["quality/classifier_fd_floor"] = Q.classifier_frechet_distance(net, real, source.sample_x0(n, generator=g))
+    else:
+        log.info("data set has no labels: no classifier Frechet distance")
+    if eval_cfg.fid_weights:
+        try:
+            out["quality/fid"] = Q.inception_fid(real, samples, eval_cfg.fid_weights, device=device)
+        except (ImportError, FileNotFoundError) as e:
+            log.warning("FID skipped: %s", e)
+    return out

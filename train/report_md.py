@@ -1,0 +1,321 @@
+"""The ablation's report: ``report.md`` and its PNGs in the ablation's output folder.
+
+``write_report(ablation, results, wall_s) -> (path, table)``; ``results`` is what
+``train.ablate.assess_all`` returns. Every number in the report comes from those results.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from .assess import PREDICTORS
+from .study import correlation_table
+
+__all__ = ["write_report", "summary_rows", "fmt_mean_std"]
+
+QUALITY_LABEL = {"energy_distance": "energy distance to fresh target samples",
+                 "sliced_wasserstein": "sliced 2-Wasserstein distance to fresh target samples",
+                 "nll": "sample NLL under the target, E_q[-log p_0]"}
+PREDICTOR_LABEL = {"dsm_l2": "DSM / L2 error ∫σ²‖e‖²", "gradient": "gradient error ∫σ²‖Π_G e‖²",
+                   "solenoidal": "solenoidal error ∫σ²‖Π_S e‖²", "kl_girsanov": "Girsanov KL bound",
+                   "kl_gradient": "gradient-only KL bound", "siem": "SIEM (QV, exact score subtracted)"}
+
+
+def _f(v) -> float:
+    return float(v) if v is not None else float("nan")
+
+
+def fmt(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if math.isinf(v):
+        return "inf"
+    a = abs(v)
+    return f"{v:.3g}" if a == 0 or 1e-3 <= a < 1e4 else f"{v:.2e}"
+
+
+def fmt_mean_std(vals) -> str:
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    m = float(np.mean(vals))
+    return fmt(m) if len(vals) == 1 else f"{fmt(m)} ± {fmt(float(np.std(vals, ddof=1)))}"
+
+
+def _groups(runs: list[dict]) -> dict:
+    out = {}
+    for r in runs:
+        out.setdefault(r["label"], []).append(r)
+    return out
+
+
+def summary_rows(runs: list[dict], quality_key: str) -> list[dict]:
+    """One row per objective (and grid point): mean ± std over seeds of quality, diagnostics, cost."""
+    rows = []
+    for label, group in _groups(runs).items():
+        done = [r for r in group if "final_metrics" in r]
+        assessed = [r["assessment"] for r in done if "assessment" in r]
+        fm = [r["final_metrics"] for r in done]
+        row = {"label": label, "seeds": f"{len(done)}/{len(group)}",
+               "failed": [r["run_id"] for r in group if r.get("failed")]}
+        if assessed:
+            q = lambda k: [_f(a["quality"][k]) for a in assessed]  # noqa: E731
+            row["quality"] = fmt_mean_std(q(quality_key))
+            row["energy_distance"] = fmt_mean_std(q("energy_distance"))
+            row["floor"] = fmt(float(np.mean(q("energy_distance_floor"))))
+            row["nll"] = fmt_mean_std(q("nll"))
+            for k in PREDICTORS:
+                row[k] = fmt_mean_std([_f(a["predictors"][k]) for a in assessed])
+        else:   # images: what the training loop measured (quality, diagnostics at eval.diag_times)
+            for k in sorted({k for m in fm for k in m if k.startswith(("quality/", "diag/")) and "stderr" not in k}):
+                row[k] = fmt_mean_std([_f(m.get(k)) for m in fm])
+        row["sec_per_step"] = fmt_mean_std([_f(m.get("train/seconds_per_step")) for m in fm])
+        row["wall_s"] = fmt_mean_std([_f(r.get("wall_s")) for r in done])
+        rows.append(row)
+    return rows
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_samples(runs, mixture, path: str):
+    """One scatter panel per objective (its first finished seed) over target samples."""
+    import torch
+    plt = _plt()
+    firsts = {}
+    for r in runs:
+        if r.get("samples_path") and os.path.isfile(r["samples_path"]) and r["label"] not in firsts:
+            firsts[r["label"]] = r
+    if not firsts:
+        return False
+    data = mixture.sample(2000, generator=torch.Generator().manual_seed(0))
+    n = len(firsts)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.7), squeeze=False)
+    lim = float(data.abs().max()) * 1.35
+    for ax, (label, r) in zip(axes[0], firsts.items()):
+        x = torch.load(r["samples_path"])
+        ok = torch.isfinite(x).all(1)
+        ax.scatter(data[:, 0], data[:, 1], s=1, c="lightgray")
+        ax.scatter(x[ok, 0], x[ok, 1], s=1, c="tab:blue", alpha=0.6)
+        ed = r["assessment"]["quality"]["energy_distance"]
+        outside = float((~ok | (x.abs() > lim).any(1)).float().mean())
+        ax.set_title(f"{label} (seed {r['seed']})\nED {fmt(_f(ed))}" + (f", {outside:.0%} outside the frame" if outside > 0.005 else ""),
+                     fontsize=8)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_decomposition(runs, path: str):
+    """Per objective: ``||e_t||^2``, ``||Pi_G e_t||^2``, ``||Pi_S e_t||^2`` vs ``t`` (mean over seeds)."""
+    plt = _plt()
+    groups = {k: [r["assessment"] for r in g if "assessment" in r] for k, g in _groups(runs).items()}
+    groups = {k: v for k, v in groups.items() if v}
+    if not groups:
+        return False
+    n = len(groups)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False, sharey=True)
+    for ax, (label, assessed) in zip(axes[0], groups.items()):
+        t = [p["t"] for p in assessed[0]["per_time"]]
+        for key, colour in (("l2", "k"), ("gradient", "tab:blue"), ("solenoidal", "tab:orange")):
+            v = np.mean([[p[key] for p in a["per_time"]] for a in assessed], axis=0)
+            ax.plot(t, np.maximum(v, 1e-6), marker="o", ms=3, c=colour,
+                    label={"l2": "L2", "gradient": "gradient", "solenoidal": "solenoidal"}[key])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("t")
+        ax.set_title(label, fontsize=9)
+    axes[0][0].set_ylabel("squared error under p_t (floored at 1e-6)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _colours(keys):
+    cmap = _plt().get_cmap("tab10")
+    return {k: cmap(i % 10) for i, k in enumerate(keys)}
+
+
+def plot_kl_vs_quality(runs, quality_key: str, path: str):
+    """Both KL bounds (x) against measured quality (y), one point per run."""
+    plt = _plt()
+    pts = [r for r in runs if "assessment" in r]
+    if not pts:
+        return False
+    col = _colours(list(dict.fromkeys(r["label"] for r in pts)))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, key, title in ((axes[0], "kl_girsanov", "Girsanov bound (all of e)"),
+                           (axes[1], "kl_gradient", "gradient-only bound (Pi_G e)")):
+        for label in col:
+            sel = [r["assessment"] for r in pts if r["label"] == label]
+            ax.scatter([a["predictors"][key] for a in sel], [_f(a["quality"][quality_key]) for a in sel],
+                       c=[col[label]], label=label, s=18)
+        ax.set_xscale("symlog", linthresh=1e-1)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{title}  (nats)")
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel(quality_key.replace("_", " "))
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_correlation(population, quality_key: str, table, path: str):
+    """One panel per predictor: predictor (x, symlog) against quality (y, log), coloured by family."""
+    plt = _plt()
+    fams = list(dict.fromkeys(p["family"] for p in population))
+    col = _colours(fams)
+    n = len(PREDICTORS)
+    cols = 3
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.4 * ((n + cols - 1) // cols)), squeeze=False)
+    rho = {row["predictor"]: row for row in table}
+    for ax, key in zip(axes.flat, PREDICTORS):
+        for fam in fams:
+            sel = [p for p in population if p["family"] == fam]
+            y = np.array([_f(p["quality"][quality_key]) for p in sel])
+            ax.scatter([p["predictors"][key] for p in sel], np.where(np.isfinite(y), y, np.nan), c=[col[fam]], s=14, label=fam)
+        lin = max(1e-4, float(np.nanmedian([abs(p["predictors"][key]) for p in population]) / 10 or 1e-4))
+        ax.set_xscale("symlog", linthresh=lin)
+        ax.set_yscale("log")
+        r = rho[key]
+        ax.set_title(f"{PREDICTOR_LABEL[key]}\nSpearman {fmt(r['spearman'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fontsize=8)
+        ax.set_ylabel(quality_key.replace("_", " "), fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- report
+def write_report(ab, results: dict, wall_s: float | None = None):
+    """Write ``<output_dir>/report.md`` (+ PNGs); returns ``(path, console table)``."""
+    out = ab.output_dir
+    os.makedirs(out, exist_ok=True)
+    st, ev = ab.schema.study, ab.schema.evaluate
+    qk = st.quality
+    runs, population = results["runs"], results["population"]
+    rows = summary_rows(runs, qk)
+    spec0 = ab.runs()[0]
+    cfg = spec0.config
+    toy = cfg.data.kind == "toy"
+
+    lines = [f"# Ablation `{ab.schema.name}`", "",
+             f"Config: `{ab.path}` (base `{ab.schema.base}`). Output: `{out}`." + f" Training wall time summed over runs: {sum(_f(r.get('wall_s')) for r in runs if r.get('wall_s')):.0f} s "
+             f"(runs launched in parallel overlap; `{ab.schema.launcher.kind}` launcher).", "",
+             "## Matched budget", "",
+             f"Every run: {cfg.train.max_steps} steps, global batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
+             f"warm-up {cfg.train.warmup_steps}, EMA {cfg.train.ema_decay:g}, model `{cfg.model.kind}` "
+             + (f"(hidden {cfg.model.hidden}, depth {cfg.model.depth})" if cfg.model.kind == "mlp" else f"(channels {cfg.model.block_out_channels})")
+             + f", data `{cfg.data.kind}`{'/' + cfg.data.preset if toy else ''}; the data order and noise of step k depend only on the seed "
+             f"(seeds {ab.schema.seeds}); only `objective.*` differs. Launcher: `{ab.schema.launcher.kind}`.", ""]
+    if ab.schema.grid:
+        lines += [f"Grid: {ab.schema.grid} (crossed with objectives having the hyperparameter and seeds).", ""]
+
+    lines += ["## Sample quality and diagnostics per objective (mean ± std over seeds)", ""]
+    if toy:
+        lines += [f"Quality: {QUALITY_LABEL['energy_distance']} ({ev.num_samples} samples, reverse SDE, {ev.sample_steps} steps; "
+                  "`floor` = the same distance between two target samples of that size), and the sample NLL "
+                  "(the target entropy is the value exact samples give). Diagnostics on a grid of "
+                  f"{ev.num_times} times, {ev.num_points} points of p_t per time, {ev.num_features} Fourier features "
+                  "+ quadratics; errors are `∫ σ_t² ‖·‖² dt` (L2 exact from the mixture's score, gradient part "
+                  "estimated without it, solenoidal = L2 - gradient); KL bounds in nats (reverse SDE, prior term included); "
+                  "SIEM with the exact score subtracted. `s/step`: training wall time per optimizer step; `wall`: "
+                  "wall time of the whole run (setup, final samples and checkpoints included).", ""]
+        header = ["objective", "seeds", "energy dist.", "floor", "NLL", "DSM/L2", "gradient", "solenoidal",
+                  "KL Girsanov", "KL gradient", "SIEM", "s/step", "wall s"]
+        body = [[r["label"], r["seeds"], r.get("energy_distance", "-"), r.get("floor", "-"), r.get("nll", "-"),
+                 r.get("dsm_l2", "-"), r.get("gradient", "-"), r.get("solenoidal", "-"), r.get("kl_girsanov", "-"),
+                 r.get("kl_gradient", "-"), r.get("siem", "-"), r["sec_per_step"], r["wall_s"]] for r in rows]
+    else:
+        lines += ["Quality and diagnostics as measured by the training loop at the end of each run (`final_metrics.json`); "
+                  "no correlation study (it needs a target with an exact score).", ""]
+        qkeys = sorted({k for r in rows for k in r if k.startswith(("quality/", "diag/"))})
+        header = ["objective", "seeds", *qkeys, "s/step", "wall s"]
+        body = [[r["label"], r["seeds"], *[r.get(k, "-") for k in qkeys], r["sec_per_step"], r["wall_s"]] for r in rows]
+    table = _markdown_table(header, body)
+    lines += [table, ""]
+    if toy and population:
+        ent = [_f(p["quality"]["entropy"]) for p in population]
+        lines += [f"Target entropy (NLL of exact samples): {fmt(float(np.mean(ent)))}.", ""]
+    failed = [rid for r in rows for rid in r["failed"]]
+    if failed:
+        lines += ["Failed runs (non-finite loss; retried on the next invocation): " + ", ".join(failed), ""]
+
+    mixture = None
+    if toy:
+        from .data import toy_mixture
+        mixture = toy_mixture(cfg.data)
+        figs = [("samples.png", "Samples per objective (first seed) over target samples",
+                 lambda p: plot_samples(runs, mixture, p)),
+                ("decomposition.png", "Per-time decomposition L2 = gradient + solenoidal (mean over seeds)",
+                 lambda p: plot_decomposition(runs, p)),
+                ("kl_vs_quality.png", "The two KL bounds against measured quality (one point per run)",
+                 lambda p: plot_kl_vs_quality(runs, qk, p))]
+        for name, title, fn in figs:
+            if fn(os.path.join(out, name)):
+                lines += [f"### {title}", "", f"![{title}]({name})", ""]
+
+    console = ["", f"Ablation {ab.schema.name}: quality and diagnostics per objective (mean ± std over seeds)", table]
+    if st.enabled and population:
+        corr = correlation_table(population, qk, PREDICTORS, st.bootstrap, st.confidence)
+        fam_counts = {}
+        for p in population:
+            fam_counts[p["family"]] = fam_counts.get(p["family"], 0) + 1
+        lines += ["## Correlation study", "",
+                  f"Population: {len(population)} models ({', '.join(f'{v} {k}' for k, v in fam_counts.items())}). "
+                  "`trained`: every kept checkpoint of every run; `rotation`: the exact score plus a zero-effect "
+                  f"field c J grad log p_t (c in {st.rotations}); `gradient`: the exact score plus a grad phi with "
+                  f"phi = x^T diag(1,-1) x / 2 (a in {st.gradient_errors}); `combination`: both ([a, c] in {st.combinations}).", "",
+                  f"Quality: {QUALITY_LABEL[qk]} (lower is better; not one of the predictors). Spearman rank correlation "
+                  f"between quality and each predictor, {int(st.confidence * 100)}% percentile bootstrap interval over "
+                  f"{st.bootstrap} resamples of the models. A good predictor has a large positive correlation.", ""]
+        ctab = _markdown_table(["predictor", "Spearman rho", f"{int(st.confidence * 100)}% CI", "n"],
+                               [[PREDICTOR_LABEL[r["predictor"]], fmt(r["spearman"]), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+                                 str(r["n"])] for r in corr])
+        lines += [ctab, ""]
+        ranked = sorted((r for r in corr if not math.isnan(r["spearman"])), key=lambda r: -r["spearman"])
+        if ranked:
+            by = {r["predictor"]: r for r in corr}
+            lines += [f"Reading (generated from the table): the highest rank correlation with quality is "
+                      f"{PREDICTOR_LABEL[ranked[0]['predictor']]} (rho {fmt(ranked[0]['spearman'])}); "
+                      f"gradient error rho {fmt(by['gradient']['spearman'])} vs DSM/L2 error rho {fmt(by['dsm_l2']['spearman'])}; "
+                      f"gradient-only KL bound rho {fmt(by['kl_gradient']['spearman'])} vs Girsanov bound rho "
+                      f"{fmt(by['kl_girsanov']['spearman'])}. Overlapping intervals mean the population cannot tell "
+                      "the two apart.", ""]
+        if plot_correlation(population, qk, corr, os.path.join(out, "correlation.png")):
+            lines += ["![correlation](correlation.png)", ""]
+        lines += ["### Every model of the population", "",
+                  _markdown_table(["model", "family", qk, *PREDICTORS],
+                                  [[p["name"], p["family"], fmt(_f(p["quality"][qk])), *[fmt(p["predictors"][k]) for k in PREDICTORS]]
+                                   for p in population]), ""]
+        console += ["", f"Correlation study ({len(population)} models; quality = {qk}): Spearman rho [CI]", ctab]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path, "\n".join(console)

@@ -1,0 +1,70 @@
+"""Train a score model from a YAML config.
+
+    accelerate launch train/train.py --config configs/toy/l2.yaml [key=value ...]
+    python train/train.py --config configs/toy/l2.yaml train.lr=1e-3 --output-dir runs/toy-l2
+
+Options: ``--output-dir`` (default ``runs/<config folder>-<config name>``), ``--max-steps``,
+``--resume`` (the latest checkpoint of the output dir, or a given checkpoint folder),
+``--no-progress``. Everything else lives in the config (train/config.py).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# `python train/train.py` puts train/ first on sys.path, where this file would shadow the package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+from train.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a gradscore score model (see configs/).")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/toy/l2.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-3 data.preset=grid9")
+    p.add_argument("--output-dir", default=None, help="run folder (default runs/<config folder>-<config name>)")
+    p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides train.max_steps)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("accelerate", "matplotlib", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    out = args.output_dir or os.path.join(
+        "runs", f"{os.path.basename(os.path.dirname(os.path.abspath(args.config)))}-{os.path.splitext(os.path.basename(args.config))[0]}")
+    from train.loop import NonFiniteLoss, run
+    from train.data import DataError
+    try:
+        metrics = run(cfg, out, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    from accelerate import PartialState
+    if not PartialState().is_main_process:
+        return 0
+    shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items() if "_stderr" not in k}
+    print(f"final metrics ({out}): {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
