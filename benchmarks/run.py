@@ -1,0 +1,156 @@
+"""Cost of every training objective relative to L2 on the same backbone, batch and process.
+
+    python benchmarks/run.py            # full run (~5-8 min on 2 cores), writes BENCHMARKS.md
+    python benchmarks/run.py --quick    # < 1 min; prints the tables, then ONE JSON line of time ratios
+
+Cases: ``TimeMLP`` on the 2-D ring8 mixture; diffusers ``UNet2DModel`` (block_out_channels (32, 64),
+mid attention) at 16x16 and 32x32, batch 32. Objectives come from ``gradscore.OBJECTIVES``
+(``spec.parametrisation`` picks ``ScoreModel`` or ``EnergyScore``, ``spec.needs_critic`` adds a
+``gradscore.Critic``). A step is forward + backward + Adam step. See ``measure.py`` for how time,
+memory and FLOPs are measured. The last line printed is a JSON object ``{objective: time ratio
+against l2}`` for the 16x16 UNet (``--case`` picks another).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:                       # run as a script: import the repository's packages
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks import measure  # noqa: E402
+from benchmarks.setups import Step, toy_case, unet_case, wide_critic_step  # noqa: E402
+from benchmarks import report  # noqa: E402
+
+import gradscore  # noqa: E402
+
+CASES = {
+    "toy": dict(build=lambda names=None: toy_case(batch=512, names=names), rounds=(10, 30)),
+    "unet16": dict(build=lambda names=None: unet_case(16, 32, names=names), rounds=(3, 10)),
+    "unet32": dict(build=lambda names=None: unet_case(32, 32, names=names), rounds=(0, 5)),
+}
+
+
+def energy_form_steps(case_steps, energies=("norm", "residual")):
+    """Extra rows: the ``energy`` objective with other energy forms on the same backbone."""
+    base = case_steps.get("energy")
+    if base is None:
+        return {}
+    import copy
+
+    out = {}
+    for e in energies:
+        model = gradscore.EnergyScore(copy.deepcopy(base.model.backbone), base.model.sde, energy=e)
+        out[f"energy[{e}]"] = Step(f"energy[{e}]", model, base.objective, base.x0)
+    return out
+
+
+def run_case(name, quick, memory=True, flops=True, forms=False, log=print):
+    spec = CASES[name]
+    steps, info = spec["build"]()
+    if forms:
+        steps.update(energy_form_steps(steps))
+        if "dual_sobolev" in steps:
+            wide = wide_critic_step(steps["l2"].x0.shape[-1], info["batch"])
+            steps["dual_sobolev[critic 48-96-160]"] = wide
+    rounds = spec["rounds"][0 if quick else 1]
+    t0 = time.perf_counter()
+    times = measure.interleaved_times(steps, rounds)
+    ratios = measure.paired_ratios(times, "l2")
+    rows = {}
+    for n, s in steps.items():
+        row = dict(ms=1e3 * measure.median(times[n]), time_ratio=ratios[n], parametrisation=type(s.model).__name__,
+                   critic_share=(measure_params(s.critic) / measure_params(s.model) if s.critic is not None else None))
+        if memory:
+            row["saved_mb"] = measure.saved_bytes(s.forward, s.params) / 1e6
+            peak = measure.peak_bytes(s.step)
+            row["peak_mb"] = None if peak is None else peak / 1e6
+        if flops:
+            row["gflop"] = measure.step_flops(s.step) / 1e9
+        rows[n] = row
+    ref = rows["l2"]
+    for row in rows.values():
+        for key in ("saved_mb", "peak_mb", "gflop"):
+            if row.get(key) is not None and ref.get(key):
+                row[key + "_ratio"] = row[key] / ref[key]
+    log(f"[{name}] {rounds} rounds in {time.perf_counter() - t0:.0f} s")
+    return dict(info=info, rounds=rounds, rows=rows)
+
+
+def measure_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def profile_split(case="unet16", names=("l2", "energy")):
+    """Self CPU time of one step split into matmul-like kernels (convolution, mm, attention) and
+    everything else (normalisation, activations and their double-backward formulas, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps, _ = CASES[case]["build"](names=list(names))
+    heavy = ("conv", "mm", "matmul", "addmm", "bmm", "linear", "scaled_dot_product", "baddbmm")
+    out = {}
+    for n, s in steps.items():
+        s.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            s.step()
+        total = other = 0.0
+        for e in prof.key_averages():
+            if not e.key.startswith("aten::"):
+                continue
+            total += e.self_cpu_time_total
+            if not any(h in e.key for h in heavy):
+                other += e.self_cpu_time_total
+        out[n] = dict(total_ms=total / 1e3, matmul_ms=(total - other) / 1e3, other_ms=other / 1e3)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="toy and 16x16 UNet timing only (< 1 min)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: robust on a shared machine)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="report written by the full run")
+    ap.add_argument("--case", default="unet16", choices=list(CASES), help="case of the final JSON line")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    pinned = measure.pin_malloc()
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    started = time.perf_counter()
+    results = dict(threads=args.threads, malloc_pinned=pinned, cases={})
+    names = ["toy", "unet16"] if args.quick else list(CASES)
+    if args.case not in names:
+        names.append(args.case)
+    for name in names:
+        results["cases"][name] = run_case(name, args.quick, memory=not args.quick, flops=not args.quick,
+                                          forms=(name == "unet16" and not args.quick), log=log)
+    if not args.quick:
+        log("[profile] unet16 l2 vs energy")
+        results["profile"] = profile_split()
+        from benchmarks import driver_overhead, quality_cost
+
+        log("[driver] train.loop vs bare loop")
+        os.chdir(ROOT)
+        results["driver"] = [d for d in (driver_overhead.run("configs/toy/l2.yaml", steps=100),
+                                         driver_overhead.run("configs/digits/l2.yaml", steps=30)) if d is not None] or None
+        log("[quality] gradient_error vs energy distance")
+        results["quality"] = quality_cost.run()
+    results["seconds"] = time.perf_counter() - started
+    print(report.tables(results))
+    if not args.quick:
+        cmd = "python benchmarks/run.py" + (f" --threads {args.threads}" if args.threads != 1 else "")
+        with open(args.out, "w") as f:
+            f.write(report.markdown(results, cmd))
+        log(f"wrote {args.out}")
+    rows = results["cases"][args.case]["rows"]
+    print(json.dumps({n: round(r["time_ratio"], 3) for n, r in rows.items() if "[" not in n}))
+
+
+if __name__ == "__main__":
+    main()
