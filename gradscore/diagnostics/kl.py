@@ -74,15 +74,16 @@ def kl_bounds(score_fn, sde: SDE, x0: torch.Tensor, times=None, *, true_score=No
     Returns:
         ``{"girsanov": Estimate, "gradient": Estimate, "prior": Estimate, "times": [...],
         "integrand_girsanov": [...], "integrand_gradient": [...], "integrand_*_stderr": [...],
-        "gradient_error": [Estimate], "l2_error": [Estimate]}`` (integrand = ``1/2 g(t)^2 ||.||^2``).
+        "gradient_error": [Estimate], "solenoidal_error": [Estimate], "l2_error": [Estimate]}`` (integrand = ``1/2 g(t)^2 ||.||^2``).
     """
     times = default_times(sde) if times is None else torch.as_tensor(times, dtype=torch.float64).flatten()
     w = trapezoid_weights(times)
     prior = prior_kl(sde, x0, log_prob_T, generator)
-    grads, l2s = [], []
+    grads, sols, l2s = [], [], []
     for tk in times.tolist():
         dec = feature_decomposition(score_fn, sde, x0, tk, num_points=num_points, generator=generator, **kw)
         grads.append(dec["gradient"])
+        sols.append(dec["solenoidal"])
         l2s.append(l2_error(score_fn, sde, x0, tk, true_score, num_points=num_points, generator=generator)
                    if true_score is not None else dec["l2"])
     half_g2 = 0.5 * sde.g2(times).to(torch.float64)
@@ -100,5 +101,5 @@ def kl_bounds(score_fn, sde: SDE, x0: torch.Tensor, times=None, *, true_score=No
         "girsanov": bound(il, se_l), "gradient": bound(ig, se_g), "prior": prior,
         "times": times.tolist(), "integrand_girsanov": il.tolist(), "integrand_gradient": ig.tolist(),
         "integrand_girsanov_stderr": se_l.tolist(), "integrand_gradient_stderr": se_g.tolist(),
-        "gradient_error": grads, "l2_error": l2s,
+        "gradient_error": grads, "solenoidal_error": sols, "l2_error": l2s,
     }

@@ -59,7 +59,7 @@ def default_critic(example: torch.Tensor, sde: SDE, seed: int = 0) -> Critic:
 def _objective(critic: Critic, x: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per-point ``2 r . grad psi - |grad psi|^2``, ``[B]``."""
     g = critic(x, t).reshape(x.shape[0], -1)
-    return 2 * (r * g).sum(1) - g.pow(2).sum(1)
+    return 2 * (r.reshape(g.shape) * g).sum(1) - g.pow(2).sum(1)
 
 
 def critic_gradient_error(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, critic: Critic | None = None,

@@ -30,28 +30,29 @@ def orthogonal_noise(n: int, n_noise: int, d: int, generator: torch.Generator | 
                      dtype=torch.float32) -> torch.Tensor:
     """``[n_noise, n, d]`` standard normal noises, ``n_noise`` per point, drawn in antithetic orthogonal sets.
 
-    Each set is ``+- r_j Q e_j`` (``j < k``, ``k = min(d, n_noise // 2)``) with ``Q`` a Haar-random rotation
-    and the radii ``r_j = F^-1((pi_j + u) / k)`` stratified over the ``chi_d`` distribution (``pi`` a random
-    permutation, ``u ~ U(0, 1)``). Every single noise is exactly ``N(0, I)`` (uniform direction, ``chi_d``
-    radius, independent), so every average stays unbiased; within a set the noises are negatively
-    correlated (antithetic: odd parts of the integrand cancel exactly; orthogonal: spread), which removes
-    most of the within-``x_0`` Monte Carlo variance of smooth integrands. A remainder (``n_noise`` odd) is
-    plain ``randn``.
+    Each set is ``+- r Q e_j`` (``j < k``, ``k = min(d, n_noise // 2)``) with ``Q`` a Haar-random rotation and
+    one radius ``r`` per set; the radii of the sets of one point are stratified over the ``chi_d``
+    distribution (``r_m = F^-1((pi_m + u) / n_sets)``, ``pi`` a random permutation, ``u ~ U(0, 1)``). Every
+    single noise is exactly ``N(0, I)`` (uniform direction, ``chi_d`` radius, independent), so every average
+    stays unbiased; within a set the noises are negatively correlated (odd parts of the integrand cancel,
+    quadratic forms average to ``r^2 tr / d``), which removes most of the within-``x_0`` Monte Carlo variance
+    of smooth integrands. A remainder (``n_noise`` odd) is plain ``randn``.
     """
     from scipy.stats import chi
 
     k = max(1, min(d, n_noise // 2))
     sets, rest = divmod(n_noise, 2 * k)
     out = []
-    for _ in range(sets):
+    if sets:
+        perm = torch.argsort(torch.rand(n, sets, generator=generator), dim=1).to(torch.float64)
+        u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
+        q = ((perm + u) / sets).clamp(1e-12, 1 - 1e-12)
+        radii = torch.from_numpy(chi.ppf(q.numpy(), d))                     # [n, sets]
+    for m in range(sets):
         A = torch.randn(n, d, k, generator=generator, dtype=torch.float64)
         Q, R = torch.linalg.qr(A)                                           # [n, d, k], Haar columns
         Q = Q * torch.sign(torch.diagonal(R, dim1=1, dim2=2)).unsqueeze(1)
-        perm = torch.argsort(torch.rand(n, k, generator=generator), dim=1).to(torch.float64)
-        u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
-        q = ((perm + u) / k).clamp(1e-12, 1 - 1e-12)
-        r = torch.from_numpy(chi.ppf(q.numpy(), d))                         # [n, k]
-        pts = (Q * r[:, None, :]).permute(2, 0, 1)                          # [k, n, d]
+        pts = (Q * radii[:, m, None, None]).permute(2, 0, 1)                # [k, n, d]
         out += [pts, -pts]
     if rest:
         out.append(torch.randn(rest, n, d, generator=generator, dtype=torch.float64))
