@@ -122,7 +122,24 @@ class SDE:
         raise NotImplementedError
 
 
-class VPSDE(SDE):
+class _VariancePreserving(SDE):
+    """Shared by the VP processes: ``g^2 = beta(t)``, ``f = -beta(t) x / 2``, prior ``N(0, I)``.
+    Subclasses define ``beta(t)``, ``alpha(t)`` and ``sigma(t)``."""
+
+    def beta(self, t) -> torch.Tensor:
+        raise NotImplementedError
+
+    def g2(self, t):
+        return self.beta(t)
+
+    def drift_coef(self, t):
+        return -0.5 * self.beta(t)
+
+    def prior_std(self):
+        return 1.0
+
+
+class VPSDE(_VariancePreserving):
     """Variance-preserving process with linear ``beta(t) = beta_min + t (beta_max - beta_min)``.
 
     ``alpha_t = exp(-1/2 int_0^t beta)``, ``sigma_t^2 = 1 - alpha_t^2``, ``g^2 = beta``,
@@ -149,14 +166,6 @@ class VPSDE(SDE):
         # -expm1(2 log alpha) = 1 - alpha^2, accurate at small t
         return (-torch.expm1(2 * self.log_alpha(t))).sqrt()
 
-    def g2(self, t):
-        return self.beta(t)
-
-    def drift_coef(self, t):
-        return -0.5 * self.beta(t)
-
-    def prior_std(self):
-        return 1.0
 
     def config(self):
         return {"type": "vp", "beta_min": self.beta_min, "beta_max": self.beta_max, "t_min": self.t_min}
@@ -191,7 +200,7 @@ class VESDE(SDE):
         return {"type": "ve", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "t_min": self.t_min}
 
 
-class DiscreteVPSDE(SDE):
+class DiscreteVPSDE(_VariancePreserving):
     """The VP process of a discrete DDPM schedule (a diffusers scheduler's ``alphas_cumprod``).
 
     Integer step ``k in {0, ..., N-1}`` sits at ``t = k / (N - 1)`` with ``alpha_t^2 = alphas_cumprod[k]``;
@@ -248,14 +257,6 @@ class DiscreteVPSDE(SDE):
         k = u.floor().clamp(max=self.num_steps - 2).long()
         return -(tab[k + 1] - tab[k]) * (self.num_steps - 1)
 
-    def g2(self, t):
-        return self.beta(t)
-
-    def drift_coef(self, t):
-        return -0.5 * self.beta(t)
-
-    def prior_std(self):
-        return 1.0
 
     def timestep(self, t) -> torch.Tensor:
         return (self.num_steps - 1) * _as_time(t)

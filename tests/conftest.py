@@ -7,6 +7,7 @@ load average ~8): 28 s wall / 20 s CPU with one thread, 320 s wall / 129 s CPU w
 An explicit OMP_NUM_THREADS in the environment is respected.
 """
 import os
+import socket
 
 import pytest
 import torch
@@ -26,3 +27,12 @@ def _seed_global_rng():
 def gen():
     """A fresh ``torch.Generator`` seeded with 0."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+

@@ -6,7 +6,6 @@ Tolerance 1e-6 absolute (measured: <= 6e-8): float32 rounding of a mean over 2 x
 (gradients here are of order 1e-1 to 1e1)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,20 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("mp_objectives_script.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
-def test_two_process_gradients_equal_one_process(tmp_path):
+def test_two_process_gradients_equal_one_process(tmp_path, free_port):
     out = tmp_path / "report.json"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(SCRIPT), str(out)]
+           "--main_process_port", str(free_port), str(SCRIPT), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())

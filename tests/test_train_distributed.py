@@ -13,7 +13,6 @@ This file is also the script the test launches (see __main__).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -50,17 +49,12 @@ def train_case(kind, objective, grad_accum, out_root):
     return tr.acc.process_index, torch.cat([p.detach().flatten() for p in params])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
-def test_two_processes_match_each_other_and_one_process(tmp_path):
+def test_two_processes_match_each_other_and_one_process(tmp_path, free_port):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port),
            os.path.abspath(__file__), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
