@@ -27,12 +27,15 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from train.build import load_trained
-    from train.config import load_config
+    from train.config import ConfigError, load_config
 
     from .diagnostics import default_times, diagnose
 
-    cfg = load_config(args.config, overrides=tuple(args.overrides))
-    sde, model, sample_x0 = load_trained(cfg, args.checkpoint)
+    try:                            # bad config or checkpoint: one line naming it, exit code 2
+        cfg = load_config(args.config, overrides=tuple(args.overrides))
+        sde, model, sample_x0 = load_trained(cfg, args.checkpoint)
+    except (ConfigError, FileNotFoundError) as e:
+        ap.exit(2, f"diagnose: {e}\n")
     torch.manual_seed(args.seed)
     x0 = sample_x0(args.num_data).float()
     true_score = log_prob_T = None

@@ -22,3 +22,18 @@ def test_cli_on_tiny_trained_toy(tmp_path):
     b = on_disk["bounds"]
     assert b["prior"]["value"] < b["gradient"]["value"] <= b["girsanov"]["value"]
     assert (out / "diagnostics.png").stat().st_size > 1000
+
+
+def test_cli_names_a_missing_checkpoint_in_one_line(capsys):
+    """A bad checkpoint path gives one message naming it and exit code 2, not a traceback."""
+    import pathlib
+
+    import pytest
+
+    from gradscore.diagnose import main
+    with pytest.raises(SystemExit) as exit_info:
+        config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "toy" / "l2.yaml"
+        main(["--config", str(config), "--checkpoint", "/nonexistent/run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "/nonexistent/run" in err and "Traceback" not in err
