@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .double_backward import input_gradient, math_attention
-from .parametrisation import _time, call_backbone
+from .parametrisation import _time, call_backbone, scalar_per_sample
 from .sde import SDE
 
 __all__ = ["Critic"]
@@ -32,7 +32,7 @@ class Critic(nn.Module):
 
     The gradient is taken inside ``forward`` (with ``create_graph`` whenever grad mode is on) so a
     DDP-wrapped critic sees one ordinary graph. Parameters that ``grad_x psi`` does not depend on
-    (the last bias of a scalar head) get an exact zero gradient through a ``0 * psi`` term, so DDP
+    (the last bias of a scalar head) get an exact zero gradient (``input_gradient``), so DDP
     with ``find_unused_parameters=False`` (accelerate's default) does not wait for them.
     """
 
@@ -47,17 +47,10 @@ class Critic(nn.Module):
         t = _time(t, x)
         with math_attention():
             out = call_backbone(self.backbone, x, t, self.sde, self.time_input)
-        if out.dim() == 2 and out.shape[1] == 1:
-            out = out[:, 0]
-        if out.shape != (x.shape[0],):
-            raise ValueError(
-                f"critic backbone must return one scalar per sample, shape [{x.shape[0]}] or [{x.shape[0]}, 1], "
-                f"got {tuple(out.shape)} (for TimeMLP use out_dim=1)")
+        out = scalar_per_sample(out, x.shape[0], "the critic backbone")
         return out.to(x.dtype) / self.sde.sigma(t).to(x.dtype)
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         t = _time(t, x)
-        grad, value = input_gradient(self.potential, x, t)
-        if torch.is_grad_enabled():                                   # zero gradient for every parameter
-            grad = grad + 0.0 * value.reshape(-1, *([1] * (x.dim() - 1)))
+        grad, _ = input_gradient(self.potential, x, t)
         return grad.to(x.dtype)

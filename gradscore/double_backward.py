@@ -37,7 +37,9 @@ def input_gradient(scalar_fn, x: torch.Tensor, *args, create_graph: bool | None 
         create_graph: keep the graph of the gradient (needed to train through it). Default: whether
             grad mode is on at the call, so sampling under ``torch.no_grad()`` builds no graph.
     Returns:
-        ``(grad [B, *D], value [B])``.
+        ``(grad [B, *D], value [B])``. With ``create_graph`` every parameter the value depends on
+        receives a gradient through ``grad`` (an exact zero where ``grad`` does not depend on it), so a
+        DDP-wrapped module that returns ``grad`` works without ``find_unused_parameters``.
     """
     if create_graph is None:
         create_graph = torch.is_grad_enabled()
@@ -50,5 +52,8 @@ def input_gradient(scalar_fn, x: torch.Tensor, *args, create_graph: bool | None 
                 f"scalar field must return one value per sample, shape [{x.shape[0]}], got {tuple(value.shape)}")
         (grad,) = torch.autograd.grad(value.sum(), xg, create_graph=create_graph)
     if not create_graph:
-        grad, value = grad.detach(), value.detach()
-    return grad, value
+        return grad.detach(), value.detach()
+    # Parameters that shift the field by a constant in x (the last bias of a scalar head) get no gradient
+    # through grad_x; DDP then fails on the next step ("Expected to have finished reduction"). A
+    # zero-weighted value term gives them an exact zero gradient instead of None.
+    return grad + 0.0 * value.reshape(-1, *([1] * (x.dim() - 1))), value

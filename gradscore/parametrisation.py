@@ -93,12 +93,18 @@ class ScoreModel(nn.Module):
 
 # Energies E~(x, t) from a backbone output f; the energy is E = E~ / sigma_t so that
 # eps_hat = grad_x E~ and score = -grad_x E~ / sigma_t (the eps scale, as for ScoreModel).
+def scalar_per_sample(out: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """``out`` as ``[B]`` (a ``[B, 1]`` output is squeezed); anything else raises an error naming ``what``."""
+    if out.dim() == 2 and out.shape[1] == 1:
+        out = out[:, 0]
+    if out.shape != (batch,):
+        raise ValueError(f"{what} must return one scalar per sample, shape [{batch}] or [{batch}, 1], "
+                         f"got {tuple(out.shape)} (for TimeMLP use out_dim=1)")
+    return out
+
+
 def _energy_scalar(f, x, sigma):
-    if f.dim() == 2 and f.shape[1] == 1:
-        f = f[:, 0]
-    if f.shape != (x.shape[0],):
-        raise ValueError(f"energy='scalar' needs a backbone returning one value per sample [B] or [B, 1], got {tuple(f.shape)}")
-    return f
+    return scalar_per_sample(f, x.shape[0], "the backbone of energy='scalar'")
 
 
 def _check_like_x(f, x, name):
@@ -164,10 +170,5 @@ class EnergyScore(nn.Module):
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         t = _time(t, x)
-        grad, value = input_gradient(self.energy, x, t)
-        if grad.requires_grad:
-            # Parameters that shift E by a constant in x (e.g. the last bias of a scalar head) get no gradient
-            # through -grad_x E; DDP then fails on the next step ("Expected to have finished reduction").
-            # A zero-weighted E term gives them an exact zero gradient instead of None.
-            grad = grad + 0.0 * value.sum()
+        grad, _ = input_gradient(self.energy, x, t)
         return -grad

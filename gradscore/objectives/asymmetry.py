@@ -19,7 +19,7 @@ import torch
 from ..double_backward import math_attention
 from ..sde import SDE
 from .dsm import draw_perturbation, residual
-from .weighting import resolve_weighting, weight
+from .weighting import check_nonnegative, resolve_weighting, weight
 
 __all__ = ["AsymmetryPenalty", "asymmetry_probe", "draw_probes", "PROBES"]
 
@@ -85,22 +85,18 @@ class AsymmetryPenalty:
 
     def __init__(self, sde: SDE, weighting="sigma2", asymmetry_weight: float = 1.0, probes: int = 1,
                  probe: str = "rademacher"):
-        if not isinstance(asymmetry_weight, (int, float)) or isinstance(asymmetry_weight, bool) or asymmetry_weight < 0:
-            raise ValueError(f"asymmetry_weight must be a non-negative number, got {asymmetry_weight!r}")
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
             raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
         if probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
         self.sde, self.weighting = sde, resolve_weighting(weighting)
-        self.asymmetry_weight, self.probes, self.probe = float(asymmetry_weight), probes, probe
+        self.asymmetry_weight, self.probes, self.probe = check_nonnegative("asymmetry_weight", asymmetry_weight), probes, probe
 
     def __call__(self, model, x0: torch.Tensor, t=None, noise=None, generator=None, probe_vectors=None) -> torch.Tensor:
         t, xt, eps = draw_perturbation(self.sde, x0, t, noise, generator)
         x = xt.detach().requires_grad_(True)
         with math_attention():                      # fused SDPA kernels have no double backward
             score = model(x, t)
-        if score.shape != x.shape:
-            raise ValueError(f"model returned shape {tuple(score.shape)}, expected x's shape {tuple(x.shape)}")
         sigma = self.sde.sigma(t)
         lam = weight(self.weighting, self.sde, t)
         loss = lam / sigma**2 * residual(self.sde, score, eps, t).flatten(1).pow(2).sum(1)

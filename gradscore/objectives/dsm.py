@@ -34,7 +34,10 @@ def draw_perturbation(sde: SDE, x0: torch.Tensor, t=None, noise=None, generator=
 
 
 def residual(sde: SDE, score: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Scaled DSM residual ``sigma_t r = sigma_t s_theta + eps`` (finite as ``sigma_t -> 0``)."""
+    """Scaled DSM residual ``sigma_t r = sigma_t s_theta + eps`` (finite as ``sigma_t -> 0``); the score
+    must be shaped like ``x`` (no silent broadcasting)."""
+    if score.shape != eps.shape:
+        raise ValueError(f"model returned shape {tuple(score.shape)}, expected x's shape {tuple(eps.shape)}")
     return broadcast_to(sde.sigma(t), eps) * score.to(eps.dtype) + eps
 
 
@@ -51,6 +54,8 @@ class DSMLoss:
     """
 
     name = "l2"
+    critic = None      # objectives with a critic (dual_sobolev) set these; a driver reads them
+    n_critic = 0
 
     def __init__(self, sde: SDE, weighting="sigma2"):
         self.sde = sde

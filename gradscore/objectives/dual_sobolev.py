@@ -93,7 +93,7 @@ import torch
 
 from ..sde import SDE, broadcast_to
 from .dsm import draw_perturbation, residual
-from .weighting import resolve_weighting, weight
+from .weighting import check_nonnegative, resolve_weighting, weight
 
 __all__ = ["DualSobolevLoss", "reverse_gradient"]
 
@@ -113,12 +113,6 @@ class _ReverseGradient(torch.autograd.Function):
 def reverse_gradient(x: torch.Tensor) -> torch.Tensor:
     """``x`` unchanged; the gradient flowing back through it is negated (min-max in one backward)."""
     return _ReverseGradient.apply(x)
-
-
-def _check_nonnegative(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    return float(value)
 
 
 def _check_n_critic(n_critic):
@@ -153,7 +147,7 @@ class DualSobolevLoss:
             raise TypeError(f"critic must be a module (x, t) -> grad psi, got {type(critic).__name__}")
         self.sde, self.critic = sde, critic
         self.weighting = resolve_weighting(weighting)
-        self.l2_weight = _check_nonnegative("l2_weight", l2_weight)
+        self.l2_weight = check_nonnegative("l2_weight", l2_weight)
         self.n_critic = _check_n_critic(n_critic)
         self.name = "dual_sobolev" if self.l2_weight == 0 else "l2+dual_sobolev"
 
@@ -174,8 +168,6 @@ class DualSobolevLoss:
                 score = model(xt, t)
         else:
             score = model(xt, t)
-        if score.shape != xt.shape:
-            raise ValueError(f"model returned shape {tuple(score.shape)}, expected x's shape {tuple(xt.shape)}")
         sigma = self.sde.sigma(t)
         sr = residual(self.sde, score, eps, t)                            # sigma_t r
         g = self._critic_gradient(xt, t)

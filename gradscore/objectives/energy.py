@@ -39,8 +39,6 @@ class EnergyDSMLoss(DSMLoss):
     """
 
     name = "energy"
-    critic = None
-    n_critic = 0
 
     def __call__(self, model, x0: torch.Tensor, t=None, noise=None, generator=None) -> torch.Tensor:
         inner = unwrap_model(model)

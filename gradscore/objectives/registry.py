@@ -34,10 +34,6 @@ from .energy import EnergyDSMLoss
 
 __all__ = ["ObjectiveSpec", "OBJECTIVES", "build_objective"]
 
-# Hyperparameters whose value must be >= 0.
-_NONNEGATIVE = ("l2_weight", "asymmetry_weight")
-
-
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """How to build one objective.
@@ -67,9 +63,6 @@ class ObjectiveSpec:
             raise ValueError(f"unknown hyperparameter(s) {unknown} for objective {self.name!r}; "
                              f"valid: {sorted(self.defaults) or 'none'}")
         resolved = {**self.defaults, **hparams}
-        for key in _NONNEGATIVE:
-            if key in resolved and (not isinstance(resolved[key], (int, float)) or resolved[key] < 0):
-                raise ValueError(f"{key} must be a non-negative number, got {resolved[key]!r} (objective {self.name!r})")
         if self.needs_critic and critic is None:
             raise ValueError(f"objective {self.name!r} needs a critic: pass critic=gradscore.Critic(backbone, sde) "
                              "with a scalar backbone, e.g. TimeMLP(d, out_dim=1)")
@@ -82,9 +75,7 @@ class ObjectiveSpec:
 
 
 def _l2(sde, critic, weighting):
-    objective = DSMLoss(sde, weighting=weighting)
-    objective.critic, objective.n_critic = None, 0
-    return objective
+    return DSMLoss(sde, weighting=weighting)
 
 
 def _energy(sde, critic, weighting):

@@ -25,6 +25,13 @@ def resolve_weighting(weighting):
     return WEIGHTINGS[weighting]
 
 
+def check_nonnegative(name: str, value) -> float:
+    """A loss-term weight (``l2_weight``, ``asymmetry_weight``): a number >= 0, else an error naming it."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
 def weight(weighting_fn, sde: SDE, t: torch.Tensor) -> torch.Tensor:
     w = weighting_fn(sde, t)
     if w.shape != t.shape:
