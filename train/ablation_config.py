@@ -169,7 +169,7 @@ class Ablation:
 
 def _defaults(objective: str) -> dict:
     from .build import objective_spec
-    return dict(getattr(objective_spec(objective), "defaults", {}) or {})
+    return dict(objective_spec(objective).defaults)
 
 
 def load_ablation(path, overrides: dict | None = None) -> Ablation:

@@ -6,52 +6,34 @@ diagnostics CLI and notebooks.
 """
 from __future__ import annotations
 
-import inspect
 import os
-from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 import gradscore
-from gradscore import EnergyScore, ScoreModel, TimeMLP, VESDE, VPSDE
+from gradscore import OBJECTIVES, Critic, EnergyScore, ScoreModel, TimeMLP, VESDE, VPSDE
 from gradscore.sde import SDE
 
 from .config import Config, ConfigError
 from .data import build_source
 
-__all__ = ["ObjectiveSpec", "objective_spec", "build_sde", "build_backbone", "build_score_model", "build_critic",
+__all__ = ["objective_spec", "build_sde", "build_backbone", "build_score_model", "build_critic",
            "build_objective", "check_objective_config", "load_trained", "ScalarUNet"]
 
 
-@dataclass
-class ObjectiveSpec:
-    """Fallback spec (used until ``gradscore.OBJECTIVES`` exists): what the driver needs to know."""
-    name: str
-    parametrisation: str = "score"
-    needs_critic: bool = False
-    defaults: dict = field(default_factory=dict)
-
-
-_FALLBACK = {"l2": ObjectiveSpec("l2", "score", False, {"weighting": "sigma2"})}
-
-
-def _registry() -> dict:
-    return getattr(gradscore, "OBJECTIVES", None) or _FALLBACK
-
-
 def objective_spec(name: str):
-    reg = _registry()
-    if name not in reg:
-        raise ConfigError(f"objective.name={name!r} is not a known objective; expected one of {sorted(reg)}")
-    return reg[name]
+    """``gradscore.OBJECTIVES[name]``, or a config error listing the known objectives."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={name!r} is not a known objective; expected one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
 def check_objective_config(cfg: Config):
     """Hyperparameters against the spec's defaults: no unknown key, same type as the default."""
     spec = objective_spec(cfg.objective.name)
-    defaults = dict(getattr(spec, "defaults", {}) or {})
+    defaults = dict(spec.defaults)
     for k, v in cfg.objective.hparams.items():
         if k not in defaults:
             raise ConfigError(f"objective.hparams.{k} is not a hyperparameter of {cfg.objective.name!r}; "
@@ -126,9 +108,6 @@ def build_score_model(cfg: Config, sde: SDE, shape, spec) -> nn.Module:
 
 
 def build_critic(cfg: Config, sde: SDE, shape) -> nn.Module:
-    Critic = getattr(gradscore, "Critic", None)
-    if Critic is None:
-        raise ConfigError(f"objective {cfg.objective.name!r} needs a critic but gradscore.Critic is not available")
     c = cfg.critic
     if len(shape) == 1:
         backbone = TimeMLP(shape[0], hidden=c.hidden, depth=c.depth, out_dim=1)
@@ -141,14 +120,7 @@ def build_critic(cfg: Config, sde: SDE, shape) -> nn.Module:
 
 def build_objective(cfg: Config, sde: SDE, critic=None):
     """The objective instance ``objective(model, x0) -> [B]``."""
-    name, hp = cfg.objective.name, dict(cfg.objective.hparams)
-    factory = getattr(gradscore, "build_objective", None)
-    if factory is not None and hasattr(gradscore, "OBJECTIVES"):
-        kwargs = {"critic": critic} if critic is not None else {}
-        return factory(name, sde, **kwargs, **hp)
-    if name != "l2":
-        raise ConfigError(f"objective {name!r} needs gradscore.build_objective, which is not available yet")
-    return gradscore.DSMLoss(sde, **hp)
+    return gradscore.build_objective(cfg.objective.name, sde, critic=critic, **cfg.objective.hparams)
 
 
 def _load_weights(model: nn.Module, ckpt: str, use_ema: bool) -> str:
@@ -182,9 +154,3 @@ def load_trained(config: Config, checkpoint_dir: str, device=None, use_ema: bool
     model.eval().to(device or "cpu")
     return sde, model, source.sample_x0
 
-
-def accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False

@@ -89,9 +89,9 @@ class Trainer:
         self.sde = build_sde(cfg)
         torch.manual_seed(cfg.train.seed)                       # identical initial weights on every rank
         model = build_score_model(cfg, self.sde, self.source.shape, self.spec)
-        critic = build_critic(cfg, self.sde, self.source.shape) if getattr(self.spec, "needs_critic", False) else None
+        critic = build_critic(cfg, self.sde, self.source.shape) if self.spec.needs_critic else None
         self.objective = build_objective(cfg, self.sde, critic)
-        critic = getattr(self.objective, "critic", None)
+        critic = self.objective.critic
         groups = [{"params": list(model.parameters()), "lr": cfg.train.lr}]
         if critic is not None:
             groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.train.lr})
@@ -209,7 +209,6 @@ class Trainer:
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
                 yaml.safe_dump(config_dict, f, sort_keys=False)
-        n_critic = int(getattr(self.objective, "n_critic", 1) or 1) if self.critic is not None else 1
         term = cfg.objective.name
         bar = tqdm(total=cfg.train.max_steps, initial=self.start_step, disable=not (self.main and self.progress),
                    desc=f"train {term}", dynamic_ncols=True)
@@ -224,7 +223,7 @@ class Trainer:
             scale = _lr_scale(step, cfg.train.warmup_steps)
             for group, base in zip(self.opt.param_groups, self.base_lrs):
                 group["lr"] = base * scale
-            for k in range(1, n_critic):
+            for k in range(1, self.objective.n_critic):               # extra critic-only steps (0 or 1: none)
                 self._phase(step, k, lambda x0: self.objective.critic_loss(unwrapped, x0), "critic_loss")
             loss, gn = self._phase(step, 0, lambda x0: self.objective(self.model, x0), term)
             self.ema.update(unwrapped)

@@ -1,7 +1,7 @@
 """Rank correlation between sample quality and each predictor, with bootstrap confidence intervals.
 
-``spearman(x, y)`` is Pearson's correlation of the ranks (ties get their average rank), the same
-number as ``scipy.stats.spearmanr``; ``+inf`` values (a diverged sampler) rank last, NaN pairs are
+``spearman(x, y)`` is Pearson's correlation of the ranks (``scipy.stats.rankdata``: ties get their
+average rank), the same number as ``scipy.stats.spearmanr``; ``+inf`` values (a diverged sampler) rank last, NaN pairs are
 dropped. ``bootstrap_ci`` resamples the (x, y) pairs with replacement and takes percentiles.
 ``correlation_table(rows, quality_key, predictors)`` builds the study's table.
 """
@@ -10,24 +10,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.stats import rankdata
 
-__all__ = ["rankdata", "spearman", "bootstrap_ci", "correlation_table"]
-
-
-def rankdata(v) -> np.ndarray:
-    """Ranks ``1..n`` of ``v: [n]``, ties averaged (``scipy.stats.rankdata(method="average")``)."""
-    v = np.asarray(v, dtype=np.float64)
-    order = np.argsort(v, kind="mergesort")
-    sorted_v = v[order]
-    ranks = np.empty(v.size, dtype=np.float64)
-    i = 0
-    while i < v.size:
-        j = i
-        while j + 1 < v.size and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    return ranks
+__all__ = ["spearman", "bootstrap_ci", "correlation_table"]
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
