@@ -1,13 +1,20 @@
-"""Overhead of the training driver (``train.loop.run``) against a bare PyTorch loop with the same
+"""Overhead of the training driver (``train.loop.run``) against bare PyTorch loops with the same
 score model, objective, batch size and optimizer.
 
 The driver's per-step time is the wall time of ``train.loop.Trainer(config, ...).train()`` (the
 loop ``train.loop.run`` runs: accelerate, per-micro-batch reseeding and batch drawing, clipping,
 the non-finite guard, warm-up, EMA, logging) divided by its steps, with the Trainer built before
 the clock starts and its end-of-run evaluation and checkpoint writing replaced by no-ops (they are
-not per-step costs). The bare loop is ``zero_grad; objective(model, x0).mean().backward();
-AdamW.step()`` on batches drawn beforehand, same model, objective, batch and optimizer. The two
-alternate (driver, bare, driver, bare ...) and medians are taken.
+not per-step costs). Two bare loops, written as a researcher would by hand:
+
+* ``recipe``: the same training recipe as the driver, plainly: draw a fresh batch from the data
+  source, ``zero_grad; loss.backward()``, ``clip_grad_norm_`` (when the config clips), the same
+  AdamW (``train.loop.make_optimizer``), an EMA of the weights (``torch._foreach_lerp_``). The
+  driver's overhead is measured against this loop: the same arithmetic, without the machinery.
+* ``minimal``: ``zero_grad; loss.backward(); opt.step()`` on batches drawn beforehand: no EMA, no
+  clipping, no data drawing (reported for reference: it does less work than the driver).
+
+Driver and the bare loops alternate (driver, recipe, minimal, driver, ...) and medians are taken.
 """
 from __future__ import annotations
 
@@ -23,9 +30,10 @@ _OVERRIDES = ["train.checkpoint_every=0", "eval.sample_every=0", "eval.diagnose_
               "train.log_every=1000000", "train.warmup_steps=0"]
 
 
-def _bare_loop_seconds(cfg, steps: int) -> float:
+def _bare_loop_seconds(cfg, steps: int, recipe: bool) -> float:
     from train.build import build_critic, build_objective, build_score_model, build_sde, check_objective_config
     from train.data import build_source
+    from train.loop import make_optimizer
 
     spec = check_objective_config(cfg)
     source = build_source(cfg.data)
@@ -35,14 +43,24 @@ def _bare_loop_seconds(cfg, steps: int) -> float:
     critic = build_critic(cfg, sde, source.shape) if getattr(spec, "needs_critic", False) else None
     objective = build_objective(cfg, sde, critic)
     params = [*model.parameters(), *(objective.critic.parameters() if objective.critic is not None else [])]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    groups = [{"params": params, "lr": cfg.train.lr}]
+    opt = make_optimizer(groups, cfg) if recipe else torch.optim.AdamW(groups, lr=cfg.train.lr,
+                                                                        weight_decay=cfg.train.weight_decay)
+    weights = list(model.parameters())
+    ema = [p.detach().clone() for p in weights]
     g = torch.Generator().manual_seed(0)
     batches = [source.sample_x0(cfg.train.batch_size, generator=g) for _ in range(4)]
     t0 = time.perf_counter()
     for i in range(steps):
+        x0 = source.sample_x0(cfg.train.batch_size, generator=g) if recipe else batches[i % 4]
         opt.zero_grad(set_to_none=True)
-        objective(model, batches[i % 4]).mean().backward()
+        objective(model, x0).mean().backward()
+        if recipe and cfg.train.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad)
         opt.step()
+        if recipe:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, weights, 1 - cfg.train.ema_decay)
     return time.perf_counter() - t0
 
 
@@ -71,8 +89,9 @@ def _driver_seconds(cfg, steps: int) -> float:
 
 
 def run(config_path="configs/toy/l2.yaml", steps=100, repeats=3):
-    """``{config, driver_ms, bare_ms, overhead}`` (per-step milliseconds, overhead = driver/bare - 1),
-    or ``None`` when ``train.loop`` does not exist yet."""
+    """``{config, driver_ms, recipe_ms, minimal_ms, overhead, overhead_minimal}`` (per-step
+    milliseconds; overhead = median over repeats of driver/recipe - 1, overhead_minimal likewise
+    against the minimal loop), or ``None`` when ``train.loop`` does not exist yet."""
     try:
         from train.config import load_config
         import train.loop  # noqa: F401
@@ -82,12 +101,13 @@ def run(config_path="configs/toy/l2.yaml", steps=100, repeats=3):
 
     logging.getLogger("train").setLevel(logging.WARNING)
     cfg = load_config(config_path, _OVERRIDES)
-    _bare_loop_seconds(cfg, 5)                          # warm-up (allocator, oneDNN)
-    drv, bare = [], []
+    _bare_loop_seconds(cfg, 5, True)                     # warm-up (allocator, oneDNN)
+    drv, rec, mini = [], [], []
     for _ in range(repeats):
         drv.append(_driver_seconds(cfg, steps) / steps)
-        bare.append(_bare_loop_seconds(cfg, steps) / steps)
-    d, b = statistics.median(drv), statistics.median(bare)
-    ratio = statistics.median(x / y for x, y in zip(drv, bare))
-    return dict(config=config_path, batch=cfg.train.batch_size, driver_ms=1e3 * d, bare_ms=1e3 * b, overhead=ratio - 1,
-                steps=steps, repeats=repeats)
+        rec.append(_bare_loop_seconds(cfg, steps, True) / steps)
+        mini.append(_bare_loop_seconds(cfg, steps, False) / steps)
+    med = statistics.median
+    return dict(config=config_path, batch=cfg.train.batch_size, driver_ms=1e3 * med(drv), recipe_ms=1e3 * med(rec),
+                minimal_ms=1e3 * med(mini), overhead=med(x / y for x, y in zip(drv, rec)) - 1,
+                overhead_minimal=med(x / y for x, y in zip(drv, mini)) - 1, steps=steps, repeats=repeats)

@@ -29,9 +29,26 @@ class DataError(ValueError):
     """Training data that cannot be used (wrong shape, non-finite values, empty)."""
 
 
+_U64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    """The SplitMix64 finaliser (Steele, Lea and Flood 2014): a bijection of 64-bit integers whose
+    output bits each depend on every input bit."""
+    z = (z + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
 def micro_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed from ``(seed, *keys)`` (independent streams for every step and micro-batch)."""
-    return int(np.random.SeedSequence([int(seed), *[int(k) for k in keys]]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    """A 63-bit seed from ``(seed, *keys)`` (independent streams for every step and micro-batch):
+    SplitMix64 chained over the keys, ~2 us in pure Python (numpy's SeedSequence took 50 us, 2% of a
+    toy training step, called once per micro-batch)."""
+    h = _splitmix64(int(seed) & _U64)
+    for k in keys:
+        h = _splitmix64(h ^ (int(k) & _U64))
+    return h >> 1
 
 
 def toy_mixture(cfg) -> GaussianMixture:

@@ -20,8 +20,22 @@ class EMA:
     def update(self, model: nn.Module):
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for k, p in model.named_parameters():
-            self.shadow[k].lerp_(p.detach().float(), 1 - d)
+        shadow, params, uniform = self._pairs(model)
+        if uniform:
+            torch._foreach_lerp_(shadow, params, 1 - d)     # one call instead of a Python loop (bitwise the same)
+        else:
+            for s, p in zip(shadow, params):
+                s.lerp_(p.to(s.dtype), 1 - d)
+
+    def _pairs(self, model: nn.Module):
+        """Shadow and parameter lists in matching order, cached per model (a module's parameters
+        keep their identity across steps, ``load_state_dict`` and ``.to()``)."""
+        if getattr(self, "_bound", (None,))[0] is not model:
+            named = list(model.named_parameters())
+            shadow, params = [self.shadow[k] for k, _ in named], [p for _, p in named]
+            uniform = all(p.dtype == s.dtype and p.device == s.device for s, p in zip(shadow, params))
+            self._bound = (model, shadow, params, uniform)
+        return self._bound[1:]
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module):

@@ -1,0 +1,111 @@
+"""The driver's per-step fast paths (benchmarks/driver_overhead.py) compute what the plain code does.
+
+* EMA: one ``torch._foreach_lerp_`` over cached lists against the per-parameter ``lerp_`` loop it
+  replaced: bitwise (the same elementwise formula; tolerance 0).
+* AdamW: the fused kernel (``train.loop.make_optimizer``) against torch's default implementation,
+  same parameters and gradients, 20 steps: within 1e-6 relative (both evaluate Adam's update in
+  float32 in a different operation order, so they may differ by a few ulps per step).
+* ``micro_seed``: deterministic, distinct over a run's (step, phase, micro-batch) grid, 63 bits.
+* The non-finite guard on the single-process path: a finite loss with an infinite gradient stops the
+  run before the update and names the gradient norm.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from gradscore.nets import TimeMLP
+from train.config import load_config
+from train.data import micro_seed
+from train.ema import EMA
+from train.loop import NonFiniteLoss, make_optimizer, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ema_foreach_update_is_bitwise_the_per_parameter_loop():
+    torch.manual_seed(0)
+    model = TimeMLP(2, 32, 2)
+    ema = EMA(model, 0.99)
+    reference = {k: v.clone() for k, v in ema.shadow.items()}
+    for n in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        d = min(0.99, (1 + n) / (10 + n))
+        for k, p in model.named_parameters():
+            reference[k].lerp_(p.detach().float(), 1 - d)
+    assert all(torch.equal(ema.shadow[k], reference[k]) for k in reference)
+    # a model in another dtype takes the per-tensor path (cast to the fp32 shadow)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ema2 = EMA(half, 0.5)
+    ema2.update(half)
+    assert all(v.dtype == torch.float32 for v in ema2.shadow.values())
+
+
+def test_fused_adamw_matches_the_default_implementation():
+    class Cfg:
+        class train:
+            lr, weight_decay = 1e-2, 1e-2
+    torch.manual_seed(0)
+    a = TimeMLP(2, 32, 2)
+    b = copy.deepcopy(a)
+    fused = make_optimizer([{"params": list(a.parameters()), "lr": 1e-2}], Cfg)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=1e-2, foreach=False)
+    assert fused.defaults["fused"] is True
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        grads = [torch.randn(p.shape, generator=g) for p in a.parameters()]
+        for m, opt in ((a, fused), (b, plain)):
+            for p, gr in zip(m.parameters(), grads):
+                p.grad = gr.clone()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), float((p - q).abs().max())
+
+
+def test_micro_seed_is_deterministic_distinct_and_63_bit():
+    seeds = [micro_seed(0, step, phase, j) for step in range(2000) for phase in range(3) for j in range(4)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert micro_seed(0, 5, 1, 2) == micro_seed(0, 5, 1, 2) != micro_seed(1, 5, 1, 2)
+    assert micro_seed(0, 1, 2) != micro_seed(0, 2, 1)                 # order matters
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+class _InfGradientAfter:
+    """Wraps an objective: from call ``k`` on the loss stays finite but its gradient is infinite."""
+
+    def __init__(self, inner, k):
+        self.inner, self.k, self.calls = inner, k, 0
+        self.critic, self.n_critic = inner.critic, inner.n_critic
+
+    def __call__(self, model, x0):
+        self.calls += 1
+        loss = self.inner(model, x0)
+        return _InfGrad.apply(loss) if self.calls > self.k else loss
+
+
+def test_guard_stops_on_an_infinite_gradient_with_a_finite_loss(tmp_path, monkeypatch):
+    import train.loop as loop
+
+    real = loop.build_objective
+    monkeypatch.setattr(loop, "build_objective", lambda cfg, sde, critic=None: _InfGradientAfter(real(cfg, sde, critic), 3))
+    cfg = load_config(os.path.join(ROOT, "configs", "toy", "l2.yaml"),
+                      ["train.checkpoint_every=0", "eval.quality=false", "train.batch_size=16", "model.hidden=16",
+                       "model.depth=2"])
+    with pytest.raises(NonFiniteLoss, match=r"non-finite gradient norm of loss term 'l2' at step 4"):
+        run(cfg, str(tmp_path), max_steps=10, progress=False)
