@@ -44,7 +44,7 @@ def _bare_loop_seconds(cfg, steps: int, recipe: bool) -> float:
     objective = build_objective(cfg, sde, critic)
     params = [*model.parameters(), *(objective.critic.parameters() if objective.critic is not None else [])]
     groups = [{"params": params, "lr": cfg.train.lr}]
-    opt = make_optimizer(groups, cfg) if recipe else torch.optim.AdamW(groups, lr=cfg.train.lr,
+    opt = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay) if recipe else torch.optim.AdamW(groups, lr=cfg.train.lr,
                                                                         weight_decay=cfg.train.weight_decay)
     weights = list(model.parameters())
     ema = [p.detach().clone() for p in weights]

@@ -26,7 +26,7 @@ if ROOT not in sys.path:                       # run as a script: import the rep
 import torch  # noqa: E402
 
 from benchmarks import measure  # noqa: E402
-from benchmarks.setups import Step, toy_case, unet_case, wide_critic_step  # noqa: E402
+from benchmarks.setups import Step, toy_case, toy_critic_sweep_case, unet_case, wide_critic_step  # noqa: E402
 from benchmarks import report  # noqa: E402
 
 import gradscore  # noqa: E402
@@ -84,6 +84,22 @@ def run_case(name, quick, memory=True, flops=True, forms=False, log=print):
     return dict(info=info, rounds=rounds, rows=rows)
 
 
+def critic_sweep(batches=((512, 20), (4096, 6)), log=print):
+    """Toy MLP: ``l2+dual_sobolev`` time and FLOPs over L2 for critics of 24% down to 2% of the
+    score model's parameters, at two batch sizes (is the critic's cost per operator or per FLOP?)."""
+    out = []
+    for batch, rounds in batches:
+        steps, shares = toy_critic_sweep_case(batch)
+        t0 = time.perf_counter()
+        ratios = measure.paired_ratios(measure.interleaved_times(steps, rounds), "l2")
+        ref = measure.step_flops(steps["l2"].step)
+        for label, share in shares.items():
+            out.append(dict(batch=batch, critic=label.split(" critic ")[1], share=share, time_ratio=ratios[label],
+                            flop_ratio=measure.step_flops(steps[label].step) / ref))
+        log(f"[critic sweep] batch {batch}: {rounds} rounds in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
 def measure_params(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -131,13 +147,14 @@ def main(argv=None):
         results["cases"][name] = run_case(name, args.quick, memory=not args.quick, flops=not args.quick,
                                           forms=(name == "unet16" and not args.quick), log=log)
     if not args.quick:
+        results["critic_sweep"] = critic_sweep(log=log)
         log("[profile] unet16 l2 vs energy")
         results["profile"] = profile_split()
         from benchmarks import driver_overhead, quality_cost
 
         log("[driver] train.loop vs bare loop")
         os.chdir(ROOT)
-        results["driver"] = [d for d in (driver_overhead.run("configs/toy/l2.yaml", steps=100),
+        results["driver"] = [d for d in (driver_overhead.run("configs/toy/l2.yaml", steps=300, repeats=5),
                                          driver_overhead.run("configs/digits/l2.yaml", steps=30)) if d is not None] or None
         log("[quality] gradient_error vs energy distance")
         results["quality"] = quality_cost.run()

@@ -15,8 +15,9 @@ from torch import nn
 import gradscore
 import gradscore.double_backward
 from gradscore.nets import FourierTime
+from train.loop import make_optimizer
 
-__all__ = ["Step", "toy_case", "unet_case", "wide_critic_step", "ConvCritic", "make_unet", "n_params", "OBJECTIVE_NAMES"]
+__all__ = ["Step", "toy_case", "toy_critic_sweep_case", "unet_case", "wide_critic_step", "ConvCritic", "make_unet", "n_params", "OBJECTIVE_NAMES"]
 
 
 def _objective_names():
@@ -31,13 +32,13 @@ def n_params(module) -> int:
 
 
 class Step:
-    """One objective on one backbone copy: ``step()`` = zero_grad, loss, backward, Adam step."""
+    """One objective on one backbone copy: ``step()`` = zero_grad, loss, backward, AdamW step."""
 
     def __init__(self, name, model, objective, x0, critic=None, lr=1e-4, seed=0, math_attention=False):
         self.name, self.model, self.objective, self.x0, self.critic = name, model, objective, x0, critic
         self.math_attention = math_attention
         self.params = [*model.parameters(), *(critic.parameters() if critic is not None else [])]
-        self.opt = torch.optim.Adam(self.params, lr=lr)
+        self.opt = make_optimizer(self.params, lr)         # the training driver's optimizer (fused AdamW)
         self.seed = seed
 
     def forward(self):
@@ -96,6 +97,23 @@ def toy_case(batch=512, hidden=128, depth=3, names=None, seed=0):
     info = dict(backbone=f"TimeMLP(2, {hidden}, {depth})", params=n_params(score), batch=batch,
                 critic=f"TimeMLP(2, {h}, {depth}, out_dim=1)", critic_params=n_params(critic_fn()))
     return steps, info
+
+
+def toy_critic_sweep_case(batch=512, critics=((59, 3), (32, 2), (16, 2)), hidden=128, depth=3, seed=0,
+                          name="l2+dual_sobolev"):
+    """``{"l2": Step, "<name> h<width> d<depth>": Step, ...}`` on the toy MLP: the critic objective
+    with ``TimeMLP(2, width, depth, out_dim=1)`` critics of decreasing size; and ``{label: share}``."""
+    torch.manual_seed(seed)
+    sde = gradscore.VPSDE()
+    x0 = gradscore.toy.GaussianMixture.preset("ring8").sample(batch, generator=torch.Generator().manual_seed(seed))
+    score = gradscore.TimeMLP(2, hidden, depth)
+    steps, shares = {"l2": _build("l2", sde, score, None, x0)}, {}
+    for h, d in critics:
+        fn = lambda h=h, d=d: gradscore.TimeMLP(2, h, d, out_dim=1)  # noqa: E731
+        label = f"{name} critic TimeMLP(2, {h}, {d})"
+        steps[label] = _build(name, sde, score, fn, x0)
+        shares[label] = n_params(fn()) / n_params(score)
+    return steps, shares
 
 
 # -------------------------------------------------------------------------------------------- UNet

@@ -48,13 +48,10 @@ def test_ema_foreach_update_is_bitwise_the_per_parameter_loop():
 
 
 def test_fused_adamw_matches_the_default_implementation():
-    class Cfg:
-        class train:
-            lr, weight_decay = 1e-2, 1e-2
     torch.manual_seed(0)
     a = TimeMLP(2, 32, 2)
     b = copy.deepcopy(a)
-    fused = make_optimizer([{"params": list(a.parameters()), "lr": 1e-2}], Cfg)
+    fused = make_optimizer(a.parameters(), 1e-2, 1e-2)
     plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=1e-2, foreach=False)
     assert fused.defaults["fused"] is True
     g = torch.Generator().manual_seed(1)

@@ -60,14 +60,14 @@ def _make_accelerator(cfg: Config):
                        gradient_accumulation_steps=cfg.train.grad_accum)
 
 
-def make_optimizer(groups, cfg: Config) -> torch.optim.Optimizer:
+def make_optimizer(groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """AdamW over ``groups``; the fused kernel where torch has one for these parameters (CPU and
     CUDA floating point: one kernel for all tensors instead of a Python loop, 0.17 ms of a 2.4 ms toy
     step on CPU, benchmarks/), else the default implementation."""
     try:
-        return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     except RuntimeError:
-        return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def _lr_scale(step: int, warmup: int) -> float:
@@ -106,7 +106,7 @@ class Trainer:
         if critic is not None:
             groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.train.lr})
         self.base_lrs = [g["lr"] for g in groups]
-        opt = make_optimizer(groups, cfg)
+        opt = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay)
         if critic is not None:
             self.model, self.critic, self.opt = acc.prepare(model, critic, opt)
             self.objective.critic = self.critic                   # the objective must use the prepared module
@@ -115,7 +115,9 @@ class Trainer:
             self.critic = None
         from accelerate.utils import DistributedType
 
-        self._plain_step = acc.scaler is None and acc.distributed_type != DistributedType.XLA
+        self._plain_step = acc.scaler is None and acc.distributed_type not in (DistributedType.XLA, DistributedType.DEEPSPEED,
+                                                                                DistributedType.MEGATRON_LM)
+        self._data_gen = torch.Generator()                      # reseeded for every micro-batch
         self._plain_clip = acc.scaler is None and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
                                                                             DistributedType.MULTI_GPU)
         self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
@@ -149,12 +151,14 @@ class Trainer:
             j = micro * acc.num_processes + acc.process_index
             seed = micro_seed(cfg.train.seed, step, phase, j)
             seed_global_rng(seed, acc.device)
-            g = torch.Generator().manual_seed(seed)
-            x0 = self.plan.micro(step, j, g).to(acc.device)
+            x0 = self.plan.micro(step, j, self._data_gen.manual_seed(seed)).to(acc.device)
             # without accumulation every backward syncs and steps: accelerate's context would only add overhead
             with acc.accumulate(*models) if cfg.train.grad_accum > 1 else contextlib.nullcontext():
                 loss = loss_fn(x0).mean()
-                acc.backward(loss)
+                if self._plain_step and cfg.train.grad_accum == 1:   # what acc.backward does here, minus a division by 1
+                    loss.backward()
+                else:
+                    acc.backward(loss)
                 part = loss.detach().float() / cfg.train.grad_accum if cfg.train.grad_accum > 1 else loss.detach().float()
                 total = part if total is None else total + part
                 if acc.sync_gradients:
@@ -163,7 +167,7 @@ class Trainer:
                             p.grad = None
                     params = [p for p in self._params() if p.grad is not None]
                     gn = self._clip(params, cfg.train.clip_grad or float("inf")) if params else torch.zeros(())
-                    gn = torch.as_tensor(gn, device=acc.device).float()
+                    gn = gn.float() if isinstance(gn, torch.Tensor) else torch.as_tensor(gn, device=acc.device).float()
                     if acc.num_processes > 1:                       # every rank stops if any rank saw NaN/Inf
                         bad = acc.reduce(torch.stack([total, gn]).isfinite().logical_not().float(), "sum")
                         if bad.any():
@@ -182,10 +186,10 @@ class Trainer:
         return self.acc.clip_grad_norm_(params, max_norm)
 
     def _optimizer_step(self):
-        """``opt.step(); opt.zero_grad()``. Without a loss scaler or XLA accelerate's optimizer
-        wrapper only forwards to the torch optimizer, after an uncached importlib lookup each call
-        (accelerate 1.15: ~0.1 ms per step, 4% of a toy step), so the torch optimizer is called
-        directly there."""
+        """``opt.step(); opt.zero_grad()``. Without a loss scaler, XLA, DeepSpeed or Megatron
+        accelerate's optimizer wrapper only forwards to the torch optimizer, after an uncached
+        importlib lookup each call (accelerate 1.15: ~0.1 ms per step, 4% of a toy step), so the
+        torch optimizer is called directly there."""
         if self._plain_step:
             self.opt.optimizer.step()
             self.opt.optimizer.zero_grad(set_to_none=True)
