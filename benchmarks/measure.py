@@ -27,7 +27,7 @@ import time
 
 import torch
 
-__all__ = ["interleaved_times", "paired_ratios", "saved_bytes", "peak_bytes", "pin_malloc", "step_flops", "median"]
+__all__ = ["interleaved_times", "paired_ratios", "saved_bytes", "peak_bytes", "pin_malloc", "step_flops", "op_count", "median"]
 
 
 def median(xs):
@@ -146,3 +146,21 @@ def step_flops(step) -> int:
     with _FlopCounter() as counter:
         step()
     return counter.flops
+
+
+def op_count(step) -> int:
+    """ATen operator calls dispatched during ``step()`` (forward, inner ``autograd.grad``, backward,
+    optimizer step; views included): what a step costs in per-operator dispatch when every kernel
+    is tiny."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Mode.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        step()
+    return Mode.calls

@@ -130,22 +130,27 @@ def _toy_critic(results) -> str:
            "to the parameters and the critic makes ~6 passes (forward, inner VJP, backward of both) against the score "
            "model's 3, so its FLOP share is about twice its parameter share. Smaller critics "
            "(`l2+dual_sobolev`, `benchmarks.run.critic_sweep`, interleaved with L2 as above):", "",
-           "| batch | critic | critic / model params | FLOP / L2 | time / L2 |", "| --- | --- | --- | --- | --- |"]
+           "| batch | critic | critic / model params | FLOP / L2 | ATen ops per step (L2) | time / L2 |",
+           "| --- | --- | --- | --- | --- | --- |"]
     for c in sweep:
-        out.append(f"| {c['batch']} | {c['critic']} | {100 * c['share']:.0f}% | {c['flop_ratio']:.2f}x | {c['time_ratio']:.2f}x |")
+        out.append(f"| {c['batch']} | {c['critic']} | {100 * c['share']:.0f}% | {c['flop_ratio']:.2f}x | "
+                   f"{c.get('ops', '-')} ({c.get('l2_ops', '-')}) | {c['time_ratio']:.2f}x |")
     if sweep:
         small = min(sweep, key=lambda c: c["share"])
+        same = [c["time_ratio"] for c in sweep if c["share"] == small["share"]]
         out += ["", f"Even a critic of {100 * small['share']:.0f}% of the parameters ({small['flop_ratio']:.2f}x the FLOPs) "
-                f"costs {min(c['time_ratio'] for c in sweep if c['share'] == small['share']):.2f}-"
-                f"{max(c['time_ratio'] for c in sweep if c['share'] == small['share']):.2f}x, at 512 and at 4096 "
-                "points alike: the floor is not arithmetic and not only per-operator dispatch (it does not shrink with "
-                "the batch). It is the critic path's fixed chain of operators, each a pass over batch-sized tensors: "
-                "the time features, `psi / sigma_t`, the inner `autograd.grad` with SiLU's composite double-backward "
-                "formula (a dozen elementwise kernels per layer), the zero-weighted value term that keeps DDP "
-                "reductions complete, the reversal and the projection term, and their backward. On CPU an elementwise "
-                "pass over a [4096, 128] tensor costs about a third of the matching matmul, so a thin critic is "
-                "never proportionally cheap. On the UNet the conv critic has 9-21% of the parameters but 1.5-3% of "
-                "the FLOPs (stride-2 convolutions) and the score step is large, hence 1.03-1.07x."]
+                f"costs {min(same):.2f}-{max(same):.2f}x. The time follows the operator count, not the arithmetic: the "
+                f"critic path dispatches {small.get('ops', 0) - small.get('l2_ops', 0)} ATen operators per step on top of "
+                f"L2's {small.get('l2_ops', '-')} (`benchmarks.measure.op_count`; the critic's forward and time features, "
+                "`psi / sigma_t`, the inner `autograd.grad` with SiLU's composite double-backward formula, the "
+                "zero-weighted value term that keeps DDP reductions complete, the reversal and the projection term, "
+                "and the backward of all of them), whatever the critic's width. A profile of the 2% critic at batch 512 "
+                "put the extra time in those operators (~0.45 ms in [B, 2]- and [B]-sized kernels, ~0.4 ms in the "
+                "critic's [B, 16] kernels) while the score model's own kernels took the same time as in L2. At batch "
+                "4096 the profiles were too noisy on this shared machine to attribute the rest. So on a 2-D MLP at "
+                "these batches no critic size reaches 1.3x; the UNet's conv critic has 9-21% of the parameters but "
+                "1.5-3% of the FLOPs (stride-2 convolutions), and the score step is large enough to hide the critic "
+                "path's operators: 1.03-1.07x."]
     return "\n".join(out)
 
 

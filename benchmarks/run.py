@@ -84,7 +84,7 @@ def run_case(name, quick, memory=True, flops=True, forms=False, log=print):
     return dict(info=info, rounds=rounds, rows=rows)
 
 
-def critic_sweep(batches=((512, 20), (4096, 6)), log=print):
+def critic_sweep(batches=((512, 30), (4096, 12)), log=print):
     """Toy MLP: ``l2+dual_sobolev`` time and FLOPs over L2 for critics of 24% down to 2% of the
     score model's parameters, at two batch sizes (is the critic's cost per operator or per FLOP?)."""
     out = []
@@ -92,10 +92,11 @@ def critic_sweep(batches=((512, 20), (4096, 6)), log=print):
         steps, shares = toy_critic_sweep_case(batch)
         t0 = time.perf_counter()
         ratios = measure.paired_ratios(measure.interleaved_times(steps, rounds), "l2")
-        ref = measure.step_flops(steps["l2"].step)
+        ref, ref_ops = measure.step_flops(steps["l2"].step), measure.op_count(steps["l2"].step)
         for label, share in shares.items():
             out.append(dict(batch=batch, critic=label.split(" critic ")[1], share=share, time_ratio=ratios[label],
-                            flop_ratio=measure.step_flops(steps[label].step) / ref))
+                            flop_ratio=measure.step_flops(steps[label].step) / ref, ops=measure.op_count(steps[label].step),
+                            l2_ops=ref_ops))
         log(f"[critic sweep] batch {batch}: {rounds} rounds in {time.perf_counter() - t0:.0f} s")
     return out
 
