@@ -15,6 +15,7 @@ class EMA:
         self.decay = float(decay)
         self.num_updates = 0
         self.shadow = {k: p.detach().float().clone() for k, p in model.named_parameters()}
+        self._bound = None                                  # (model, shadow list, parameter list, same dtype/device)
 
     @torch.no_grad()
     def update(self, model: nn.Module):
@@ -30,7 +31,7 @@ class EMA:
     def _pairs(self, model: nn.Module):
         """Shadow and parameter lists in matching order, cached per model (a module's parameters
         keep their identity across steps, ``load_state_dict`` and ``.to()``)."""
-        if getattr(self, "_bound", (None,))[0] is not model:
+        if self._bound is None or self._bound[0] is not model:
             named = list(model.named_parameters())
             shadow, params = [self.shadow[k] for k, _ in named], [p for _, p in named]
             uniform = all(p.dtype == s.dtype and p.device == s.device for s, p in zip(shadow, params))

@@ -115,11 +115,12 @@ class Trainer:
             self.critic = None
         from accelerate.utils import DistributedType
 
-        self._plain_step = acc.scaler is None and acc.distributed_type not in (DistributedType.XLA, DistributedType.DEEPSPEED,
-                                                                                DistributedType.MEGATRON_LM)
+        # one process or plain DDP, no loss scaler: accelerate's backward, clipping and optimizer
+        # wrappers only forward to torch there (see _clip, _optimizer_step)
+        self._plain = acc.scaler is None and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                                       DistributedType.MULTI_GPU)
+        self._param_list = [*self.model.parameters(), *(self.critic.parameters() if self.critic is not None else [])]
         self._data_gen = torch.Generator()                      # reseeded for every micro-batch
-        self._plain_clip = acc.scaler is None and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                                                            DistributedType.MULTI_GPU)
         self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
         acc.register_for_checkpointing(self.ema)
         self.logbook = Logbook(output_dir, enabled=self.main)
@@ -136,12 +137,6 @@ class Trainer:
                 log.info("resumed from %s at step %d", ckpt, self.start_step)
 
     # ------------------------------------------------------------------------- one phase
-    def _params(self):
-        """Score model and critic parameters (listed once: a module's parameters keep their identity)."""
-        if getattr(self, "_param_list", None) is None:
-            self._param_list = [*self.model.parameters(), *(self.critic.parameters() if self.critic is not None else [])]
-        return self._param_list
-
     def _phase(self, step: int, phase: int, loss_fn, term: str):
         """``grad_accum`` micro-batches then one optimizer step; returns ``(mean loss, grad norm)``."""
         acc, cfg = self.acc, self.cfg
@@ -155,25 +150,28 @@ class Trainer:
             # without accumulation every backward syncs and steps: accelerate's context would only add overhead
             with acc.accumulate(*models) if cfg.train.grad_accum > 1 else contextlib.nullcontext():
                 loss = loss_fn(x0).mean()
-                if self._plain_step and cfg.train.grad_accum == 1:   # what acc.backward does here, minus a division by 1
+                if self._plain and cfg.train.grad_accum == 1:   # what acc.backward does here, minus a division by 1
                     loss.backward()
                 else:
                     acc.backward(loss)
-                part = loss.detach().float() / cfg.train.grad_accum if cfg.train.grad_accum > 1 else loss.detach().float()
+                part = loss.detach().float()
+                if cfg.train.grad_accum > 1:
+                    part = part / cfg.train.grad_accum
                 total = part if total is None else total + part
                 if acc.sync_gradients:
                     if phase > 0:                                   # critic-only step: drop score-model gradients
                         for p in self.model.parameters():
                             p.grad = None
-                    params = [p for p in self._params() if p.grad is not None]
+                    params = [p for p in self._param_list if p.grad is not None]
                     gn = self._clip(params, cfg.train.clip_grad or float("inf")) if params else torch.zeros(())
                     gn = gn.float() if isinstance(gn, torch.Tensor) else torch.as_tensor(gn, device=acc.device).float()
-                    if acc.num_processes > 1:                       # every rank stops if any rank saw NaN/Inf
-                        bad = acc.reduce(torch.stack([total, gn]).isfinite().logical_not().float(), "sum")
+                    # one process: two scalar reads; several: every rank stops if any rank saw NaN/Inf
+                    if acc.num_processes > 1 or not (math.isfinite(total.item()) and math.isfinite(gn.item())):
+                        bad = torch.stack([total, gn]).isfinite().logical_not().float()
+                        if acc.num_processes > 1:
+                            bad = acc.reduce(bad, "sum")
                         if bad.any():
                             self._diverged(step, term, total, gn, bad)
-                    elif not (math.isfinite(total.item()) and math.isfinite(gn.item())):
-                        self._diverged(step, term, total, gn, torch.stack([total, gn]).isfinite().logical_not().float())
                     self._optimizer_step()
         return total, gn
 
@@ -181,16 +179,16 @@ class Trainer:
         """Clip the gradients' global norm and return it. In plain data parallel without a loss scaler
         accelerate's ``clip_grad_norm_`` is torch's after version and scaler checks (~20 us a step),
         so torch's is called directly there; FSDP, DeepSpeed, XLA and fp16 go through accelerate."""
-        if self._plain_clip:
+        if self._plain:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         return self.acc.clip_grad_norm_(params, max_norm)
 
     def _optimizer_step(self):
-        """``opt.step(); opt.zero_grad()``. Without a loss scaler, XLA, DeepSpeed or Megatron
-        accelerate's optimizer wrapper only forwards to the torch optimizer, after an uncached
-        importlib lookup each call (accelerate 1.15: ~0.1 ms per step, 4% of a toy step), so the
-        torch optimizer is called directly there."""
-        if self._plain_step:
+        """``opt.step(); opt.zero_grad()``. In plain data parallel without a loss scaler accelerate's
+        optimizer wrapper only forwards to the torch optimizer, after an uncached importlib lookup
+        each call (accelerate 1.15: ~0.1 ms per step, 4% of a toy step), so the torch optimizer is
+        called directly there."""
+        if self._plain:
             self.opt.optimizer.step()
             self.opt.optimizer.zero_grad(set_to_none=True)
         else:
