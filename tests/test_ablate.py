@@ -158,3 +158,24 @@ def test_accelerate_launcher_command(tmp_path):
     cmd = _launch_command(ab, ab.run("l2/seed-0"))
     assert cmd[1:5] == ["launch", "--multi_gpu", "--num_processes", "3"]
     assert cmd[-7:] == ["--main_process_port", "0", "-m", "train.ablate", os.path.abspath(ab.path), "--run-one", "l2/seed-0"]
+
+
+def test_critic_capacity_ablation_varies_only_the_critic():
+    """configs/ablations/toy_critic.yaml: the demo's budget crossed with the critic's width; its
+    comment's parameter shares (128 = 100%, 56 = 22%, 24 = 5.5% of the score MLP) hold."""
+    from gradscore.nets import TimeMLP
+
+    ab = load_ablation(os.path.join(ROOT, "configs", "ablations", "toy_critic.yaml"))
+    runs = ab.runs()
+    assert {r.objective for r in runs} == {"dual_sobolev", "l2+dual_sobolev"}
+    assert sorted({r.config.critic.hidden for r in runs}) == [24, 56, 128]
+    for seed in ab.schema.seeds:
+        cfgs = [r.config for r in runs if r.seed == seed]
+        for c in cfgs[1:]:
+            for section in ("train", "model", "data", "sde", "eval"):
+                assert getattr(c, section) == getattr(cfgs[0], section), section
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    score = n(TimeMLP(2, 128, 3))
+    share = {h: n(TimeMLP(2, h, 3, out_dim=1)) / score for h in (128, 56, 24)}
+    assert share[128] == pytest.approx(1.0, abs=0.01)
+    assert share[56] == pytest.approx(0.22, abs=0.005) and share[24] == pytest.approx(0.055, abs=0.003)
