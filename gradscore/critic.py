@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .double_backward import input_gradient, math_attention
+from .double_backward import compact_silu, input_gradient, math_attention
 from .parametrisation import _time, call_backbone, scalar_per_sample
 from .sde import SDE
 
@@ -40,6 +40,7 @@ class Critic(nn.Module):
         super().__init__()
         if time_input not in ("auto", "t", "timestep"):
             raise ValueError(f"time_input must be 'auto', 't' or 'timestep', got {time_input!r}")
+        compact_silu(backbone)                  # SiLU's double backward without elementwise intermediates
         self.backbone, self.sde, self.time_input = backbone, sde, time_input
 
     def potential(self, x: torch.Tensor, t) -> torch.Tensor:

@@ -9,14 +9,81 @@ double backward). Measured pitfalls (ENGINEERING.md) handled here:
   tensor already requires grad, in which case it is used as is so higher derivatives flow).
 * PyTorch's fused SDPA kernels have no double backward; ``math_attention()`` selects the plain
   math kernel, which does.
+* Memory of the second-order graph: when ``autograd.grad(create_graph=True)`` differentiates a
+  SiLU, PyTorch records SiLU's derivative as a chain of elementwise operations (sigmoid, products,
+  sums), each saving activation-sized intermediates: on a diffusers UNet those were 122 MB of an
+  energy step's 265 MB (L2: 80 MB). ``compact_silu(module)`` swaps a module's ``nn.SiLU`` for
+  ``CompactSiLU``: the same forward (``F.silu``) and first derivative (``silu_backward``), but that
+  derivative is one autograd node saving only its two inputs, with SiLU's second derivative
+  written out for the backward (tests/test_fast_paths.py, BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["input_gradient", "math_attention"]
+__all__ = ["input_gradient", "math_attention", "CompactSiLU", "compact_silu"]
+
+
+class _SiLUDerivative(torch.autograd.Function):
+    """``g * silu'(x)`` (what SiLU's backward computes), differentiable in ``g`` and ``x`` with one
+    node that saves ``(g, x)``: ``silu'(x) = s (1 + x (1 - s))``, ``silu''(x) = s (1 - s) (2 + x (1 - 2 s))``,
+    ``s = sigmoid(x)``."""
+
+    @staticmethod
+    def forward(ctx, g, x):
+        ctx.save_for_backward(g, x)
+        return torch.ops.aten.silu_backward(g, x)
+
+    @staticmethod
+    def backward(ctx, gg):
+        g, x = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        # aten's silu_backward has no derivative of its own: apply this Function again (higher orders)
+        return _SiLUDerivative.apply(gg, x), gg * g * s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+class _SiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return F.silu(x)
+
+    @staticmethod
+    def jvp(ctx, x_t):                          # forward-mode AD (torch.func.jvp, forward_ad)
+        (x,) = ctx.saved_tensors
+        return _SiLUDerivative.apply(x_t, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _SiLUDerivative.apply(g, x)
+
+
+class CompactSiLU(nn.SiLU):
+    """``nn.SiLU`` whose derivative, when differentiated again, holds only its inputs (see the module
+    docstring). Forward and first derivative are PyTorch's own kernels (``silu``, ``silu_backward``:
+    bitwise ``nn.SiLU`` outside ``create_graph``, where PyTorch switches to a composite expression);
+    under ``create_graph`` and for the second derivative it agrees with PyTorch to rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SiLU.apply(x)
+
+
+def compact_silu(module: nn.Module) -> int:
+    """Turn every plain ``nn.SiLU`` inside ``module`` into a ``CompactSiLU`` in place (same
+    parameters and state dict; ``F.silu`` called directly in a ``forward`` is left as it is).
+    Returns how many were converted."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.SiLU and not m.inplace:
+            m.__class__ = CompactSiLU
+            n += 1
+    return n
 
 
 def math_attention():
