@@ -16,11 +16,12 @@ TARGETS = (("energy", "time_ratio", 2.0), ("energy", "peak_mb_ratio", 2.5), ("du
 TRIED = """\
 | route | exact? | measured effect (UNet 16x16, energy step vs plain energy step) | kept |
 | --- | --- | --- | --- |
-| plain: `autograd.grad(E, x, create_graph=True)` inside `forward`, then backward | reference | 3.2-3.9x L2 time, 2.02x L2 FLOPs, 3.3x L2 saved memory | default |
+| plain: `autograd.grad(E, x, create_graph=True)` inside `forward`, then backward, stock `nn.SiLU` | reference | 3.2-3.9x L2 time, 2.02x L2 FLOPs, 3.3x L2 saved memory (264.7 MB) | until this report |
+| `CompactSiLU` (`gradscore.double_backward.compact_silu`, applied by `EnergyScore` and `Critic`): SiLU's derivative as one autograd node saving `(grad, x)`, SiLU'' written out for the backward, instead of PyTorch's composite derivative under `create_graph` (sigmoid and products, each saving an activation-sized intermediate) | forward and first derivative: PyTorch's kernels; gradients to float32 rounding (tests/test_fast_paths.py: 7e-7 relative on a UNet) | saved 264.7 -> 168.2 MB, time 3.21x -> 3.00x L2 (5 interleaved rounds while developing; the tables above are with it) | yes, default |
 | energy forms `inner` / `norm` / `residual` | (different models) | same FLOPs (33.26 GFLOP each) and same saved memory (264.7 MB); times within noise | - |
 | non-reentrant checkpoint of the backbone call inside the energy (recomputed under the math SDPA kernel) | yes: loss and gradients bit-identical | time 4.0x L2 (+25%); saved 262 MB, peak 263 MB (-1%): the VJP graph re-holds the recomputed activations | no |
 | reverse-over-forward: `score` from a custom `autograd.Function` whose backward takes the parameter gradient of the directional derivative `<a, grad_x E>` (forward-mode JVP of E along the detached cotangent `a`) | yes in exact arithmetic (tests/test_fast_paths.py, TimeMLP, float64) | on UNet2DModel in torch 2.13: forward AD of `group_norm` fails on the non-contiguous attention output ("view size is not compatible"), then `softmax` forward AD breaks the reverse pass (in-place on `exp`); without attention it ran at 5.3x L2 (plain: 3.2x) and its gradients disagreed with the plain route (not investigated). FLOPs: F + VJP to get `a`, then a primal+tangent forward and its backward, ~8F against ~6F | no |
-| double-backward-friendly custom `Function`s for SiLU, GroupNorm, conv2d (backward written with differentiable ops: `conv_transpose2d`, analytic SiLU'' , GroupNorm formula; weight gradients skipped during the inner `autograd.grad`) | yes (rel. error 2e-7 to 2e-6 per op) | per-op double backward: conv 0.88x, SiLU 1.05x, GroupNorm 1.5x of native: no net gain, more code on the default path | no |
+| double-backward-friendly custom `Function`s for SiLU, GroupNorm, conv2d (backward written with differentiable ops: `conv_transpose2d`, analytic SiLU'' , GroupNorm formula; weight gradients skipped during the inner `autograd.grad`) | yes (rel. error 2e-7 to 2e-6 per op) | per-op double backward: conv 0.88x, SiLU 1.05x, GroupNorm 1.5x of native: no net gain in time, more code on the default path (memory was not measured then; the SiLU part came back as `CompactSiLU` above, for its memory) | no |
 | `torch.compile` | - | refuses double backward (aot_autograd), ENGINEERING.md | no |
 """
 
@@ -202,7 +203,16 @@ def markdown(results, command: str) -> str:
             "`other` time grows much faster than the convolution time (profile above).",
             "- Memory: the inner `autograd.grad(create_graph=True)` graph holds every layer's cotangent and the inputs of "
             "the second-order formulas next to the forward activations; checkpointing cannot drop them because the "
-            "inner VJP runs inside `forward` and re-holds what is recomputed.",
+            "inner VJP runs inside `forward` and re-holds what is recomputed. Saved bytes by autograd node (unet16, "
+            "distinct storages, walking the graph of one step): with stock `nn.SiLU` the energy step held 122.5 MB in "
+            "`MulBackward0` and 24.1 MB in `SigmoidBackward0` (SiLU's derivative recorded as elementwise products under "
+            "`create_graph`) next to L2's 80.4 MB (convolution 27.4, GroupNorm 24.9, SiLU 24.2); `CompactSiLU` keeps one "
+            "cotangent per SiLU instead. What remains above L2: the cotangents (SiLU derivative inputs, 22.4 MB in "
+            "`ConvolutionBackwardBackward0`), the math-kernel attention's `bmm`/`softmax` inputs (14.7 MB) and "
+            "GroupNorm's own composite double backward (26.1 MB of products of its normalised input). Peak memory adds "
+            "the transients of the outer backward on top of what is saved; at 32x32 they set the peak (see the table: "
+            "peak well above saved), and evaluating SiLU'' in place (tried while writing this) did not lower it, so they "
+            "come from GroupNorm's and the convolutions' double backward and the attention; not attributed further.",
             "",
             "## Fast paths tried (exact routes only)", "", TRIED, "",
             "## What limits the critic objectives on the toy MLP", "", _toy_critic(results), "", CRITIC_CAPACITY, "",
