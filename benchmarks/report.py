@@ -124,11 +124,11 @@ def _limits(results) -> str:
 CRITIC_CAPACITY = (
     "Does the toy need a big critic? `python -m train.ablate configs/ablations/toy_critic.yaml` (the `make demo` budget: "
     "ring8, 1000 steps, 3 seeds; critic width 128 / 56 / 24 at depth 3 = 100% / 22% / 5.5% of the score MLP; measured "
-    "2026-11-22, 2 min 21 s): `l2+dual_sobolev` gives energy distance 0.0114 at every width (+- 0.0006 to 0.0009; "
-    "L2 in `make demo`: 0.0114) at 4.35 / 3.42 / 2.98 ms per driver step (L2 in `make demo`: 1.68 ms), so `configs/toy/l2+dual_sobolev.yaml` "
-    "now uses the 5.5% critic. `dual_sobolev` alone, whose only signal is the critic, degrades as the critic shrinks: "
-    "0.0138 +- 0.0003, 0.0185 +- 0.0029, 0.0341 +- 0.0066 at 19.0 / 13.7 / 11.9 ms per step (n_critic 5), so its "
-    "config keeps the wide critic.")
+    "2026-11-22, 2 min 32 s): `l2+dual_sobolev` gives energy distance 0.0114 at every width (+- 0.0006 to 0.0009; "
+    "L2 in `make demo`: 0.0114) at 4.68 / 3.57 / 3.23 ms per driver step (L2 in `make demo`: 1.67 ms), so "
+    "`configs/toy/l2+dual_sobolev.yaml` now uses the 5.5% critic. `dual_sobolev` alone, whose only signal is the "
+    "critic, degrades as the critic shrinks: 0.0158 +- 0.0020, 0.0188 +- 0.0024, 0.0338 +- 0.0073 at 20.1 / 15.1 / "
+    "13.1 ms per step (n_critic 5), so its config keeps the wide critic.")
 
 
 def _toy_critic(results) -> str:
