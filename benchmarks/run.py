@@ -26,7 +26,7 @@ if ROOT not in sys.path:                       # run as a script: import the rep
 import torch  # noqa: E402
 
 from benchmarks import measure  # noqa: E402
-from benchmarks.setups import Step, toy_case, toy_critic_sweep_case, unet_case, wide_critic_step  # noqa: E402
+from benchmarks.setups import Step, n_params, toy_case, toy_critic_sweep_case, unet_case, wide_critic_step  # noqa: E402
 from benchmarks import report  # noqa: E402
 
 import gradscore  # noqa: E402
@@ -67,7 +67,7 @@ def run_case(name, quick, memory=True, flops=True, forms=False, log=print):
     rows = {}
     for n, s in steps.items():
         row = dict(ms=1e3 * measure.median(times[n]), time_ratio=ratios[n], parametrisation=type(s.model).__name__,
-                   critic_share=(measure_params(s.critic) / measure_params(s.model) if s.critic is not None else None))
+                   critic_share=(n_params(s.critic) / n_params(s.model) if s.critic is not None else None))
         if memory:
             row["saved_mb"] = measure.saved_bytes(s.forward, s.params) / 1e6
             peak = measure.peak_bytes(s.step)
@@ -99,10 +99,6 @@ def critic_sweep(batches=((512, 30), (4096, 12)), log=print):
                             l2_ops=ref_ops))
         log(f"[critic sweep] batch {batch}: {rounds} rounds in {time.perf_counter() - t0:.0f} s")
     return out
-
-
-def measure_params(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 def profile_split(case="unet16", names=("l2", "energy")):

@@ -85,12 +85,16 @@ def toy_critic_hidden(score_params: int, dim: int = 2, depth: int = 3, frac: flo
     return h
 
 
+def _toy_inputs(batch, hidden, depth, seed):
+    """``(sde, x0 [batch, 2] from ring8, score backbone TimeMLP(2, hidden, depth))``, seeded."""
+    torch.manual_seed(seed)
+    x0 = gradscore.toy.GaussianMixture.preset("ring8").sample(batch, generator=torch.Generator().manual_seed(seed))
+    return gradscore.VPSDE(), x0, gradscore.TimeMLP(2, hidden, depth)
+
+
 def toy_case(batch=512, hidden=128, depth=3, names=None, seed=0):
     """MLP (``TimeMLP(2, hidden, depth)``) on the ring8 mixture; returns ``({name: Step}, info)``."""
-    torch.manual_seed(seed)
-    sde = gradscore.VPSDE()
-    x0 = gradscore.toy.GaussianMixture.preset("ring8").sample(batch, generator=torch.Generator().manual_seed(seed))
-    score = gradscore.TimeMLP(2, hidden, depth)
+    sde, x0, score = _toy_inputs(batch, hidden, depth, seed)
     h = toy_critic_hidden(n_params(score), 2, depth)
     critic_fn = lambda: gradscore.TimeMLP(2, h, depth, out_dim=1)  # noqa: E731
     steps = {n: _build(n, sde, score, critic_fn, x0) for n in (names or OBJECTIVE_NAMES)}
@@ -103,10 +107,7 @@ def toy_critic_sweep_case(batch=512, critics=((59, 3), (32, 2), (16, 2)), hidden
                           name="l2+dual_sobolev"):
     """``{"l2": Step, "<name> h<width> d<depth>": Step, ...}`` on the toy MLP: the critic objective
     with ``TimeMLP(2, width, depth, out_dim=1)`` critics of decreasing size; and ``{label: share}``."""
-    torch.manual_seed(seed)
-    sde = gradscore.VPSDE()
-    x0 = gradscore.toy.GaussianMixture.preset("ring8").sample(batch, generator=torch.Generator().manual_seed(seed))
-    score = gradscore.TimeMLP(2, hidden, depth)
+    sde, x0, score = _toy_inputs(batch, hidden, depth, seed)
     steps, shares = {"l2": _build("l2", sde, score, None, x0)}, {}
     for h, d in critics:
         fn = lambda h=h, d=d: gradscore.TimeMLP(2, h, d, out_dim=1)  # noqa: E731
