@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .double_backward import compact_silu, input_gradient, math_attention
-from .parametrisation import _time, call_backbone, scalar_per_sample
-from .sde import SDE
+from .parametrisation import call_backbone, scalar_per_sample
+from .sde import SDE, time_tensor
 
 __all__ = ["Critic"]
 
@@ -45,13 +45,13 @@ class Critic(nn.Module):
 
     def potential(self, x: torch.Tensor, t) -> torch.Tensor:
         """``psi(x, t) = psi~(x, t) / sigma_t``, shape ``[B]``."""
-        t = _time(t, x)
+        t = time_tensor(t, x, batch=x.shape[0])
         with math_attention():
             out = call_backbone(self.backbone, x, t, self.sde, self.time_input)
         out = scalar_per_sample(out, x.shape[0], "the critic backbone")
         return out.to(x.dtype) / self.sde.sigma(t).to(x.dtype)
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = _time(t, x)
+        t = time_tensor(t, x, batch=x.shape[0])
         grad, _ = input_gradient(self.potential, x, t)
         return grad.to(x.dtype)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .double_backward import compact_silu, input_gradient, math_attention
-from .sde import SDE, broadcast_to
+from .sde import SDE, broadcast_to, time_tensor
 
 __all__ = ["ScoreModel", "EnergyScore", "call_backbone", "ENERGIES"]
 
@@ -26,8 +26,7 @@ def call_backbone(backbone, x: torch.Tensor, t: torch.Tensor, sde: SDE, time_inp
     convention); ``"auto"`` uses ``"timestep"`` for diffusers models, else ``"t"``. Outputs with a
     ``.sample`` field or tuples are unwrapped.
     """
-    if t.dim() == 0:
-        t = t.expand(x.shape[0])
+    t = time_tensor(t, x, batch=x.shape[0])
     mode = time_input
     if mode == "auto":
         mode = "timestep" if _is_diffusers(backbone) else "t"
@@ -43,17 +42,6 @@ def call_backbone(backbone, x: torch.Tensor, t: torch.Tensor, sde: SDE, time_inp
     elif isinstance(out, (tuple, list)):
         out = out[0]
     return out
-
-
-def _time(t, x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        t = torch.tensor(float(t), dtype=x.dtype, device=x.device)
-    t = t.to(x.device)
-    if t.dim() == 0:
-        t = t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
-        raise ValueError(f"t must be a float or a [B] tensor with B={x.shape[0]}, got shape {tuple(t.shape)}")
-    return t
 
 
 class ScoreModel(nn.Module):
@@ -77,7 +65,7 @@ class ScoreModel(nn.Module):
         self.backbone, self.sde, self.output, self.time_input = backbone, sde, output, time_input
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = _time(t, x)
+        t = time_tensor(t, x, batch=x.shape[0])
         out = call_backbone(self.backbone, x, t, self.sde, self.time_input)
         if out.shape != x.shape:
             raise ValueError(f"backbone output has shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}")
@@ -166,13 +154,13 @@ class EnergyScore(nn.Module):
 
     def energy(self, x: torch.Tensor, t) -> torch.Tensor:
         """``E_theta(x, t)``, shape ``[B]``."""
-        t = _time(t, x)
+        t = time_tensor(t, x, batch=x.shape[0])
         with math_attention():
             f = call_backbone(self.backbone, x, t, self.sde, self.time_input).to(x.dtype)
         sigma = self.sde.sigma(t).to(x.dtype)
         return self._energy_fn(f, x, sigma) / sigma
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = _time(t, x)
+        t = time_tensor(t, x, batch=x.shape[0])
         grad, _ = input_gradient(self.energy, x, t)
         return -grad

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .sde import SDE
+from .sde import SDE, time_tensor
 
 __all__ = ["GaussianMixture", "PRESETS", "add_zero_effect", "skew_matrix"]
 
@@ -73,10 +73,7 @@ class GaussianMixture:
             a = torch.ones(B, dtype=torch.float64, device=x.device)
             s = torch.zeros(B, dtype=torch.float64, device=x.device)
         else:
-            tt = torch.as_tensor(t, dtype=torch.float64).to(x.device)
-            tt = tt.expand(B) if tt.dim() == 0 else tt
-            if tt.shape != (B,):
-                raise ValueError(f"t must be a float or a [B] tensor with B={B}, got shape {tuple(tt.shape)}")
+            tt = time_tensor(t, x64, batch=B).to(torch.float64)
             a, s = sde.alpha(tt), sde.sigma(tt)
         means, lam, U = (v.to(x.device) for v in (self.means, self._lam, self._U))
         diff = x64[:, None, :] - a[:, None, None] * means[None]                 # [B, K, d]

@@ -17,7 +17,8 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils.checkpoint import checkpoint
 
 from gradscore import DSMLoss, EnergyScore, TimeMLP, VPSDE
-from gradscore.parametrisation import _time, call_backbone
+from gradscore.parametrisation import call_backbone
+from gradscore.sde import time_tensor
 
 B, D = 64, 3
 
@@ -46,7 +47,7 @@ def test_reverse_over_forward_gives_the_double_backward_gradient():
     loss_ref, grads_ref = _plain(model, sde, x0)
 
     g = torch.Generator().manual_seed(2)                     # the same draws as DSMLoss
-    t = sde.sample_t(B, generator=g, dtype=torch.float64)
+    t = sde.sample_time(B, generator=g, dtype=torch.float64)
     xt, eps = sde.perturb(x0, t, generator=g)
     with torch.no_grad():
         score = model(xt, t)                                  # forward without a graph
@@ -69,7 +70,7 @@ class _CheckpointedEnergy(EnergyScore):
     """``EnergyScore`` whose backbone runs under non-reentrant activation checkpointing."""
 
     def energy(self, x, t):
-        t = _time(t, x)
+        t = time_tensor(t, x, batch=x.shape[0])
         f = checkpoint(call_backbone, self.backbone, x, t, self.sde, self.time_input, use_reentrant=False).to(x.dtype)
         sigma = self.sde.sigma(t).to(x.dtype)
         return self._energy_fn(f, x, sigma) / sigma

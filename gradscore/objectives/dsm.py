@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sde import SDE, broadcast_to
+from ..sde import SDE, broadcast_to, time_tensor
 from .weighting import resolve_weighting, weight
 
 __all__ = ["DSMLoss", "draw_perturbation", "residual"]
@@ -21,14 +21,10 @@ def draw_perturbation(sde: SDE, x0: torch.Tensor, t=None, noise=None, generator=
         raise TypeError(f"x0 must be a floating tensor, got {x0.dtype}")
     if x0.dtype in (torch.float16, torch.bfloat16):
         x0 = x0.float()
-    B = x0.shape[0]
     if t is None:
-        t = sde.sample_t(B, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = sde.sample_time(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
     else:
-        t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
-        t = t.expand(B) if t.dim() == 0 else t
-        if t.shape != (B,):
-            raise ValueError(f"t must be a float or a [B] tensor with B={B}, got shape {tuple(t.shape)}")
+        t = time_tensor(t, x0, batch=x0.shape[0]).to(x0.dtype)
     xt, eps = sde.perturb(x0, t, noise=noise, generator=generator)
     return t, xt, eps
 
