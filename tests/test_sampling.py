@@ -154,3 +154,36 @@ def test_demo_runs_small(tmp_path, capsys):
     assert (tmp_path / "samples.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "energy distance" in out and str(tmp_path / "samples.png") in out
+
+
+def test_reverse_sde_step_is_euler_maruyama():
+    """Oracle: the Euler-Maruyama formula written out for the VP process (f = -beta x / 2, g^2 = beta,
+    beta linear) with the exact score of a Gaussian N(0, v I); float64 rounding (1e-12). ``noise=None`` is
+    the drift-only step, and ``sample(method="sde")`` is exactly a chain of these steps (same draws)."""
+    from gradscore.sampling import reverse_sde_step
+
+    sde, v = VPSDE(0.1, 20.0), 0.5
+    score = GaussianMixture(torch.zeros(1, 3), v * torch.eye(3)[None]).score_fn(sde)
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    t, h = 0.6, -0.01
+    beta = 0.1 + t * (20.0 - 0.1)
+    var_t = float(sde.alpha(torch.tensor(t, dtype=F64))) ** 2 * v + float(sde.sigma(torch.tensor(t, dtype=F64))) ** 2
+    drift_only = x + h * (-0.5 * beta * x - beta * (-x / var_t))
+    torch.testing.assert_close(reverse_sde_step(score, sde, x, t, h, None), drift_only, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reverse_sde_step(score, sde, x, torch.full((5,), t, dtype=F64), h, z),
+                               drift_only + math.sqrt(-h * beta) * z, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="h must be negative"):
+        reverse_sde_step(score, sde, x, t, 0.01, z)
+    with pytest.raises(ValueError, match="noise has shape"):
+        reverse_sde_step(score, sde, x, t, h, z[:, :2])
+
+    steps, x_T = 4, torch.randn(5, 3, generator=g, dtype=F64)
+    g_chain, ts = torch.Generator().manual_seed(7), torch.linspace(1.0, sde.t_min, steps + 1, dtype=F64)
+    chain = x_T
+    for i in range(steps):
+        noise = None if i == steps - 1 else torch.randn(chain.shape, generator=g_chain, dtype=F64)
+        chain = reverse_sde_step(score, sde, chain, float(ts[i]), float(ts[i + 1] - ts[i]), noise)
+    sampled = sample(score, sde, (5, 3), method="sde", steps=steps, x_T=x_T, generator=torch.Generator().manual_seed(7),
+                     dtype=F64)
+    assert torch.equal(sampled, chain)
