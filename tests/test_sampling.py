@@ -1,4 +1,4 @@
-"""Samplers (THEORY sections 3-4): with the exact score they reproduce the target, and the Heun ODE does not
+"""Samplers (docs/theory.md §3-4): with the exact score they reproduce the target, and the Heun ODE does not
 notice a zero-effect (solenoidal) perturbation of the score. Also runs the README's training loop."""
 import math
 import pathlib
@@ -57,7 +57,7 @@ def test_wrong_score_is_detected(ring8_threshold):
 
 @pytest.mark.parametrize("c", [1.0, 2.0])
 def test_heun_ode_ignores_zero_effect_perturbation_on_mixture(c, ring8_threshold):
-    """THEORY section 3: s' = s + c J s has L2 error c^2 E|J s|^2 (large) but the same marginals, so the Heun ODE
+    """docs/theory.md §3: s' = s + c J s has L2 error c^2 E|J s|^2 (large) but the same marginals, so the Heun ODE
     still reproduces ring8 within the noise floor. Control: a perturbation of the same size with a SYMMETRIC
     matrix (not zero-effect) is caught by orders of magnitude."""
     sde = VPSDE()
@@ -79,7 +79,7 @@ def test_heun_ode_zero_effect_is_a_pure_rotation():
     so in exact arithmetic the c = 2 endpoint is the c = 0 endpoint rotated: same radius for every sample.
     Tolerance from the step size: Heun's local error on z = h lambda (|lambda| = |a + i b|) is |z|^3 / 6 per step,
     so the relative radius mismatch of the two runs is below sum_i |z_i|^3 / 3 (~0.018 at 200 steps; measured 3e-4).
-    Control (THEORY 3 caveat): an explicit Euler step would inflate the radius by prod_i sqrt(1 + h^2 b_i^2) - 1,
+    Control (docs/theory.md §3 caveat): an explicit Euler step would inflate the radius by prod_i sqrt(1 + h^2 b_i^2) - 1,
     which is larger than that tolerance, so the check is sharp enough to tell the schemes apart."""
     sde, v, c = VPSDE(), 0.5, 2.0
     gm = GaussianMixture(torch.zeros(1, 2, dtype=F64), v * torch.eye(2, dtype=F64)[None])
@@ -144,16 +144,6 @@ def test_readme_training_loop_runs():
     exec(compile(code, "README.md", "exec"), namespace)
     for name in ("samples", "energy_samples"):
         assert name in namespace and torch.isfinite(namespace[name]).all()
-
-
-def test_demo_runs_small(tmp_path, capsys):
-    """`make demo` end to end with tiny sizes: prints the energy distances and writes the plot."""
-    from gradscore import demo
-    results = demo.main(["--steps", "30", "--batch", "64", "--sample-steps", "10", "--n", "200", "--out", str(tmp_path)])
-    assert set(results) == {"ode", "sde"} and all(torch.isfinite(x).all() for x, _, _ in results.values())
-    assert (tmp_path / "samples.png").stat().st_size > 10_000
-    out = capsys.readouterr().out
-    assert "energy distance" in out and str(tmp_path / "samples.png") in out
 
 
 def test_reverse_sde_step_is_euler_maruyama():
