@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 
@@ -68,30 +69,30 @@ class SDE:
     t_min: float = 1e-3
 
     # --- per-time coefficients -------------------------------------------------------------
-    def alpha(self, t) -> torch.Tensor:
+    def alpha(self, t: float | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def sigma(self, t) -> torch.Tensor:
+    def sigma(self, t: float | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def g2(self, t) -> torch.Tensor:
+    def g2(self, t: float | torch.Tensor) -> torch.Tensor:
         """Squared diffusion coefficient ``g(t)^2``."""
         raise NotImplementedError
 
-    def drift_coef(self, t) -> torch.Tensor:
+    def drift_coef(self, t: float | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def diffusion(self, t) -> torch.Tensor:
+    def diffusion(self, t: float | torch.Tensor) -> torch.Tensor:
         """``g(t)``."""
         return self.g2(t).sqrt()
 
-    def drift(self, x: torch.Tensor, t) -> torch.Tensor:
+    def drift(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """``f(x, t)`` for ``x: [B, *D]``."""
         return broadcast_to(self.drift_coef(time_tensor(t, x)), x) * x
 
     # --- marginals -------------------------------------------------------------------------
-    def perturb(self, x0: torch.Tensor, t, noise: torch.Tensor | None = None,
-                generator: torch.Generator | None = None):
+    def perturb(self, x0: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``x_t ~ p(x_t | x_0)``.
 
         Args:
@@ -109,8 +110,8 @@ class SDE:
         a, s = broadcast_to(self.alpha(t), x0), broadcast_to(self.sigma(t), x0)
         return a * x0 + s * noise, noise
 
-    def sample_time(self, n: int, generator: torch.Generator | None = None, device=None,
-                    dtype=None) -> torch.Tensor:
+    def sample_time(self, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
         """Training times ``t ~ U(t_min, T)``, shape ``[n]``."""
         u = torch.rand(n, generator=generator, device=device, dtype=dtype)
         return self.t_min + (self.T - self.t_min) * u
@@ -119,8 +120,8 @@ class SDE:
     def prior_std(self) -> float:
         raise NotImplementedError
 
-    def prior_sample(self, shape, generator: torch.Generator | None = None, device=None,
-                     dtype=None) -> torch.Tensor:
+    def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Samples of the prior ``p_T ~ N(0, prior_std^2 I)``."""
         return self.prior_std() * torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
@@ -131,7 +132,7 @@ class SDE:
         return -0.5 * x.flatten(1).pow(2).sum(1) / s**2 - d * math.log(s) - 0.5 * d * math.log(2 * math.pi)
 
     # --- conditioning for networks -------------------------------------------------------
-    def timestep(self, t) -> torch.Tensor:
+    def timestep(self, t: float | torch.Tensor) -> torch.Tensor:
         """The time value handed to a diffusers-style backbone (``999 t`` by default)."""
         return 999.0 * time_tensor(t)
 
@@ -139,7 +140,7 @@ class SDE:
         fields = ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "type")
         return f"{type(self).__name__}({fields})"
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, float | int | str]:
         raise NotImplementedError
 
 
@@ -147,16 +148,16 @@ class _VariancePreserving(SDE):
     """Shared by the VP processes: ``g^2 = beta(t)``, ``f = -beta(t) x / 2``, prior ``N(0, I)``.
     Subclasses define ``beta(t)``, ``alpha(t)`` and ``sigma(t)``."""
 
-    def beta(self, t) -> torch.Tensor:
+    def beta(self, t: float | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def g2(self, t):
+    def g2(self, t: float | torch.Tensor) -> torch.Tensor:
         return self.beta(t)
 
-    def drift_coef(self, t):
+    def drift_coef(self, t: float | torch.Tensor) -> torch.Tensor:
         return -0.5 * self.beta(t)
 
-    def prior_std(self):
+    def prior_std(self) -> float:
         return 1.0
 
 
@@ -172,23 +173,22 @@ class VPSDE(_VariancePreserving):
             raise ValueError(f"VPSDE needs 0 <= beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}")
         self.beta_min, self.beta_max, self.t_min = float(beta_min), float(beta_max), float(t_min)
 
-    def beta(self, t) -> torch.Tensor:
+    def beta(self, t: float | torch.Tensor) -> torch.Tensor:
         t = time_tensor(t)
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
-    def log_alpha(self, t) -> torch.Tensor:
+    def log_alpha(self, t: float | torch.Tensor) -> torch.Tensor:
         t = time_tensor(t)
         return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
 
-    def alpha(self, t):
+    def alpha(self, t: float | torch.Tensor) -> torch.Tensor:
         return self.log_alpha(t).exp()
 
-    def sigma(self, t):
+    def sigma(self, t: float | torch.Tensor) -> torch.Tensor:
         # -expm1(2 log alpha) = 1 - alpha^2, accurate at small t
         return (-torch.expm1(2 * self.log_alpha(t))).sqrt()
 
-
-    def config(self):
+    def config(self) -> dict[str, float | int | str]:
         return {"type": "vp", "beta_min": self.beta_min, "beta_max": self.beta_max, "t_min": self.t_min}
 
 
@@ -201,27 +201,27 @@ class VESDE(SDE):
             raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_min, self.sigma_max, self.t_min = float(sigma_min), float(sigma_max), float(t_min)
 
-    def alpha(self, t):
+    def alpha(self, t: float | torch.Tensor) -> torch.Tensor:
         return torch.ones_like(time_tensor(t))
 
-    def sigma(self, t):
+    def sigma(self, t: float | torch.Tensor) -> torch.Tensor:
         t = time_tensor(t)
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
 
-    def g2(self, t):
+    def g2(self, t: float | torch.Tensor) -> torch.Tensor:
         return 2 * self.sigma(t) ** 2 * math.log(self.sigma_max / self.sigma_min)
 
-    def drift_coef(self, t):
+    def drift_coef(self, t: float | torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(time_tensor(t))
 
-    def prior_std(self):
+    def prior_std(self) -> float:
         return self.sigma_max
 
-    def config(self):
+    def config(self) -> dict[str, float | int | str]:
         return {"type": "ve", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "t_min": self.t_min}
 
 
-def pchip_slopes(y: torch.Tensor) -> torch.Tensor:
+def _pchip_slopes(y: torch.Tensor) -> torch.Tensor:
     """Slopes at unit-spaced knots of the monotone cubic (PCHIP, Fritsch-Carlson) interpolant of ``y: [N]``.
 
     Interior: the harmonic mean of the neighbouring secants where they have one sign, else 0; ends: the
@@ -232,9 +232,10 @@ def pchip_slopes(y: torch.Tensor) -> torch.Tensor:
         return torch.stack([delta[0], delta[0]])
     a, b = delta[:-1], delta[1:]
     same_sign = (a * b) > 0
-    interior = torch.where(same_sign, 2 * a * b / torch.where(same_sign, a + b, torch.ones_like(a)), torch.zeros_like(a))
+    harmonic = 2 * a * b / torch.where(same_sign, a + b, torch.ones_like(a))
+    interior = torch.where(same_sign, harmonic, torch.zeros_like(a))
 
-    def end(d0, d1):
+    def end(d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
         m = (3 * d0 - d1) / 2
         if torch.sign(m) != torch.sign(d0):
             return torch.zeros_like(m)
@@ -259,7 +260,7 @@ class DiscreteVPSDE(_VariancePreserving):
     Build it with ``DiscreteVPSDE.from_scheduler(DDPMScheduler(...))`` or from the tensor.
     """
 
-    def __init__(self, alphas_cumprod, t_min: float | None = None):
+    def __init__(self, alphas_cumprod: torch.Tensor | list[float], t_min: float | None = None):
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
         if ac.numel() < 2 or not torch.all((ac > 0) & (ac <= 1)):
             raise ValueError("alphas_cumprod must hold at least 2 values in (0, 1]")
@@ -268,7 +269,7 @@ class DiscreteVPSDE(_VariancePreserving):
         self.alphas_cumprod = ac
         self.num_steps = ac.numel()
         y = ac.log()
-        m = pchip_slopes(y)
+        m = _pchip_slopes(y)
         delta = y[1:] - y[:-1]
         # per step interval, log alpha^2 = c0 + c1 s + c2 s^2 + c3 s^3 with s in [0, 1] the fraction of the step
         self._coef = torch.stack([y[:-1], m[:-1], 3 * delta - 2 * m[:-1] - m[1:], m[:-1] + m[1:] - 2 * delta], 1)
@@ -276,13 +277,13 @@ class DiscreteVPSDE(_VariancePreserving):
         self._cache: dict = {}
 
     @classmethod
-    def from_scheduler(cls, scheduler, t_min: float | None = None) -> DiscreteVPSDE:
+    def from_scheduler(cls, scheduler: Any, t_min: float | None = None) -> DiscreteVPSDE:
         """From any diffusers scheduler exposing ``alphas_cumprod`` (DDPM, DDIM, ...)."""
         if not hasattr(scheduler, "alphas_cumprod"):
             raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod; pass a DDPM-type scheduler")
         return cls(scheduler.alphas_cumprod, t_min=t_min)
 
-    def _segment(self, t):
+    def _segment(self, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(coefficients [..., 4], s)``: the cubic of the step interval holding ``t`` and the fraction ``s``."""
         t = time_tensor(t)
         key = (t.device, t.dtype)
@@ -292,27 +293,27 @@ class DiscreteVPSDE(_VariancePreserving):
         k = u.floor().clamp(max=self.num_steps - 2).long()
         return self._cache[key][k], u - k
 
-    def log_alpha2(self, t) -> torch.Tensor:
+    def log_alpha2(self, t: float | torch.Tensor) -> torch.Tensor:
         """``log alpha_t^2``, the PCHIP interpolant of ``log alphas_cumprod``."""
         c, s = self._segment(t)
         return c[..., 0] + s * (c[..., 1] + s * (c[..., 2] + s * c[..., 3]))
 
-    def alpha(self, t):
+    def alpha(self, t: float | torch.Tensor) -> torch.Tensor:
         return (0.5 * self.log_alpha2(t)).exp()
 
-    def sigma(self, t):
+    def sigma(self, t: float | torch.Tensor) -> torch.Tensor:
         return (-torch.expm1(self.log_alpha2(t))).sqrt()
 
-    def beta(self, t):
+    def beta(self, t: float | torch.Tensor) -> torch.Tensor:
         c, s = self._segment(t)
         return -(self.num_steps - 1) * (c[..., 1] + s * (2 * c[..., 2] + 3 * s * c[..., 3]))
 
-    def timestep(self, t) -> torch.Tensor:
+    def timestep(self, t: float | torch.Tensor) -> torch.Tensor:
         return (self.num_steps - 1) * time_tensor(t)
 
-    def t_from_timestep(self, k) -> torch.Tensor:
+    def t_from_timestep(self, k: float | torch.Tensor) -> torch.Tensor:
         """Continuous time of a (possibly fractional) diffusers timestep ``k``."""
         return time_tensor(k) / (self.num_steps - 1)
 
-    def config(self):
+    def config(self) -> dict[str, float | int | str]:
         return {"type": "discrete_vp", "num_steps": self.num_steps, "t_min": self.t_min}

@@ -1,4 +1,4 @@
-"""Forward processes (THEORY section 1): each SDE's coefficients agree with its marginals, and the
+"""Forward processes (docs/theory.md §1): each SDE's coefficients agree with its marginals, and the
 discrete VP process reproduces a diffusers scheduler."""
 import math
 
