@@ -10,10 +10,10 @@ Tolerance: the mean distance over two seeds within 2x of L2's (the acceptance bo
 spread at this budget is large, hence two seeds; the noise floor at 2000 vs 2000 samples (about
 0.0014-0.002) is far below the values compared.
 Why the EMA matters: "dual_sobolev" alone is a min-max game in which the score's solenoidal part has
-no restoring force; its last iterate wanders (seeds 0, 1, 2: 0.128, 0.048, 0.071 without averaging)
-while the averaged iterate converges (0.0183, 0.0190, 0.0202 vs L2's 0.0153, 0.0153, 0.0164 with the
+no restoring force; its last iterate wanders (seeds 0, 1, 2: 0.179, 0.087, 0.047 without averaging)
+while the averaged iterate converges (0.0189, 0.0222, 0.0210 vs L2's 0.0153, 0.0153, 0.0164 with the
 same EMA), the classic behaviour of averaged iterates in descent-ascent. Measured with
-``train_and_sample`` below (3 seeds, one thread).
+``train_and_sample`` below (3 seeds, one thread; BENCHMARKS.md, "dual_sobolev stability (toy)").
 """
 import copy
 
