@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pathlib
 import platform
 
 import torch
@@ -24,6 +25,10 @@ TRIED = """\
 | double-backward-friendly custom `Function`s for SiLU, GroupNorm, conv2d (backward written with differentiable ops: `conv_transpose2d`, analytic SiLU'' , GroupNorm formula; weight gradients skipped during the inner `autograd.grad`) | yes (rel. error 2e-7 to 2e-6 per op) | per-op double backward: conv 0.88x, SiLU 1.05x, GroupNorm 1.5x of native: no net gain in time, more code on the default path (memory was not measured then; the SiLU part came back as `CompactSiLU` above, for its memory) | no |
 | `torch.compile` | - | refuses double backward (aot_autograd), ENGINEERING.md | no |
 """
+
+
+# Measurements of the dual_sobolev min-max on the toy, kept verbatim (they come from training runs, not from run.py).
+DUAL_SOBOLEV_STABILITY = (pathlib.Path(__file__).parent / "dual_sobolev_stability.md").read_text()
 
 
 def _f(v, fmt="{:.2f}"):
@@ -275,4 +280,5 @@ def markdown(results, command: str) -> str:
                 "and it needs no sampler, which is what makes it cheap where sampling is expensive (a UNet, many "
                 "steps). It also answers a different question: it sees only the observable part of the error at one t.",
                 ""]
+    out += [DUAL_SOBOLEV_STABILITY]
     return "\n".join(out)

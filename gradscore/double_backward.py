@@ -2,24 +2,25 @@
 
 The energy parametrisation (``score = -grad_x E``), critics (``grad_x psi``) and the asymmetry
 penalty all need ``autograd.grad(..., create_graph=True)`` followed by the usual backward (a
-double backward). Measured pitfalls (ENGINEERING.md) handled here:
+double backward). The pitfalls handled here (docs/engineering.md, "Double backward" and "Attention"):
 
 * The gradient is taken *inside* the module's ``forward`` so DDP sees one ordinary graph.
 * The caller's tensor is never mutated: a detached copy is differentiated (unless the caller's
   tensor already requires grad, in which case it is used as is so higher derivatives flow).
 * PyTorch's fused SDPA kernels have no double backward; ``math_attention()`` selects the plain
   math kernel, which does.
-* Memory of the second-order graph: when ``autograd.grad(create_graph=True)`` differentiates a
-  SiLU, PyTorch records SiLU's derivative as a chain of elementwise operations (sigmoid, products,
-  sums), each saving activation-sized intermediates: on a diffusers UNet those were 122 MB of an
-  energy step's 265 MB (L2: 80 MB). ``compact_silu(module)`` swaps a module's ``nn.SiLU`` for
-  ``CompactSiLU``: the same forward (``F.silu``) and first derivative (``silu_backward``), but that
-  derivative is one autograd node saving only its two inputs, with SiLU's second derivative
-  written out for the backward (tests/test_fast_paths.py, BENCHMARKS.md).
+* Memory of the second-order graph: under ``create_graph`` PyTorch records SiLU's derivative as a
+  chain of elementwise operations (sigmoid, products, sums), each saving an activation-sized
+  intermediate. ``compact_silu(module)`` swaps a module's ``nn.SiLU`` for ``CompactSiLU``: the same
+  forward (``F.silu``) and first derivative (``silu_backward``), but that derivative is one autograd
+  node saving only its two inputs, with SiLU's second derivative written out for the backward
+  (tests/test_fast_paths.py; the memory saved: BENCHMARKS.md, "Fast paths tried").
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ def compact_silu(module: nn.Module) -> int:
     return n
 
 
-def math_attention():
+def math_attention() -> contextlib.AbstractContextManager:
     """Context manager routing ``scaled_dot_product_attention`` to the math kernel (double-backward safe)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -95,7 +96,8 @@ def math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def input_gradient(scalar_fn, x: torch.Tensor, *args, create_graph: bool | None = None):
+def input_gradient(scalar_fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any,
+                   create_graph: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_x sum_b scalar_fn(x)[b], scalar_fn(x))``.
 
     Args:

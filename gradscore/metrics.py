@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["energy_distance", "sliced_wasserstein", "energy_distance_floor", "gaussian_stats", "frechet_distance"]
+__all__ = ["energy_distance", "sliced_wasserstein", "gaussian_stats", "frechet_distance"]
 
 
 def _mean_dist(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -16,8 +16,8 @@ def _mean_dist(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Ten
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Squared energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (V-statistic), ``x: [N, *D]``, ``y: [M, *D]``.
 
-    Zero iff the distributions agree; its value for two independent samples of one distribution
-    (``energy_distance_floor``) is the noise floor to compare against."""
+    Zero iff the distributions agree; its value for two independent samples of one distribution is
+    the noise floor to compare against."""
     x = x.reshape(x.shape[0], -1).double()
     y = y.reshape(y.shape[0], -1).double()
     if x.shape[1] != y.shape[1]:
@@ -27,12 +27,8 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(2 * _mean_dist(x, y) - _mean_dist(x, x) - _mean_dist(y, y))
 
 
-def energy_distance_floor(sample_fn, n: int, repeats: int = 3) -> float:
-    """Mean energy distance between pairs of independent ``n``-samples from ``sample_fn(n)``."""
-    return sum(energy_distance(sample_fn(n), sample_fn(n)) for _ in range(repeats)) / repeats
-
-
-def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 256, generator: torch.Generator | None = None) -> float:
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 256,
+                       generator: torch.Generator | None = None) -> float:
     """Sliced 2-Wasserstein distance over random directions (equal sample sizes)."""
     x = x.reshape(x.shape[0], -1).double()
     y = y.reshape(y.shape[0], -1).double()
@@ -47,7 +43,7 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 256,
     return float((px - py).pow(2).mean().sqrt())
 
 
-def gaussian_stats(features: torch.Tensor):
+def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``[F]`` and covariance ``[F, F]`` (unbiased, float64) of ``features: [N, F]``."""
     f = features.reshape(features.shape[0], -1).double()
     if f.shape[0] < 2:
@@ -62,7 +58,8 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
     ``|mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1^1/2 cov2 cov1^1/2)^1/2)`` (float64, symmetric square roots)."""
     mu1, mu2, cov1, cov2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, mu2, cov1, cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"frechet_distance: shapes disagree: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, cov {tuple(cov1.shape)}/{tuple(cov2.shape)}")
+        raise ValueError(f"frechet_distance: shapes disagree: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, "
+                         f"cov {tuple(cov1.shape)}/{tuple(cov2.shape)}")
     lam, U = torch.linalg.eigh(0.5 * (cov1 + cov1.T))
     root1 = (U * lam.clamp(min=0).sqrt()) @ U.T
     m = root1 @ (0.5 * (cov2 + cov2.T)) @ root1

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .sde import time_tensor
+
 __all__ = ["FourierTime", "TimeMLP"]
 
 
@@ -43,8 +45,7 @@ class TimeMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
+        t = time_tensor(t, x, batch=x.shape[0])
         h = self.net(torch.cat([x.reshape(x.shape[0], -1), self.time(t).to(x.dtype)], dim=1))
         if self.out_dim == 1:
             return h[:, 0]

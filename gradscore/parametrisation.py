@@ -1,4 +1,4 @@
-"""Turning any backbone into a score callable ``(x, t) -> score`` (THEORY sections 1 and 7).
+"""Turning any backbone into a score callable ``(x, t) -> score`` (docs/theory.md §1 and §7).
 
 A *backbone* maps ``(x, time)`` to a tensor shaped like ``x`` or to one scalar per sample. It may
 be a plain module called as ``backbone(x, t)`` with continuous ``t: [B]``, or a diffusers model
@@ -6,28 +6,31 @@ be a plain module called as ``backbone(x, t)`` with continuous ``t: [B]``, or a 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from .double_backward import compact_silu, input_gradient, math_attention
-from .sde import SDE, broadcast_to
+from .double_backward import compact_silu as _convert_silu
+from .double_backward import input_gradient, math_attention
+from .sde import SDE, broadcast_to, time_tensor
 
 __all__ = ["ScoreModel", "EnergyScore", "call_backbone", "ENERGIES"]
 
 
-def _is_diffusers(module) -> bool:
+def _is_diffusers(module: object) -> bool:
     return any(c.__module__.startswith("diffusers") for c in type(module).__mro__)
 
 
-def call_backbone(backbone, x: torch.Tensor, t: torch.Tensor, sde: SDE, time_input: str = "auto"):
+def call_backbone(backbone: Callable, x: torch.Tensor, t: float | torch.Tensor, sde: SDE,
+                  time_input: str = "auto") -> torch.Tensor:
     """Evaluate ``backbone`` at ``(x, t)`` with ``t: [B]`` continuous time.
 
     ``time_input``: ``"t"`` passes ``t``; ``"timestep"`` passes ``sde.timestep(t)`` (diffusers
     convention); ``"auto"`` uses ``"timestep"`` for diffusers models, else ``"t"``. Outputs with a
     ``.sample`` field or tuples are unwrapped.
     """
-    if t.dim() == 0:
-        t = t.expand(x.shape[0])
+    t = time_tensor(t, x, batch=x.shape[0])
     mode = time_input
     if mode == "auto":
         mode = "timestep" if _is_diffusers(backbone) else "t"
@@ -43,17 +46,6 @@ def call_backbone(backbone, x: torch.Tensor, t: torch.Tensor, sde: SDE, time_inp
     elif isinstance(out, (tuple, list)):
         out = out[0]
     return out
-
-
-def _time(t, x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        t = torch.tensor(float(t), dtype=x.dtype, device=x.device)
-    t = t.to(x.device)
-    if t.dim() == 0:
-        t = t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
-        raise ValueError(f"t must be a float or a [B] tensor with B={x.shape[0]}, got shape {tuple(t.shape)}")
-    return t
 
 
 class ScoreModel(nn.Module):
@@ -76,8 +68,8 @@ class ScoreModel(nn.Module):
             raise ValueError(f"output must be one of {self.OUTPUTS}, got {output!r}")
         self.backbone, self.sde, self.output, self.time_input = backbone, sde, output, time_input
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = _time(t, x)
+    def forward(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        t = time_tensor(t, x, batch=x.shape[0])
         out = call_backbone(self.backbone, x, t, self.sde, self.time_input)
         if out.shape != x.shape:
             raise ValueError(f"backbone output has shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}")
@@ -109,7 +101,8 @@ def _energy_scalar(f, x, sigma):
 
 def _check_like_x(f, x, name):
     if f.shape != x.shape:
-        raise ValueError(f"energy={name!r} needs a backbone output shaped like x {tuple(x.shape)}, got {tuple(f.shape)}")
+        raise ValueError(f"energy={name!r} needs a backbone output shaped like x {tuple(x.shape)}, "
+                         f"got {tuple(f.shape)}")
 
 
 def _energy_norm(f, x, sigma):
@@ -136,7 +129,7 @@ ENERGIES = {
 
 
 class EnergyScore(nn.Module):
-    """Conservative score ``s = -grad_x E_theta(x, t)`` around any backbone (THEORY section 7).
+    """Conservative score ``s = -grad_x E_theta(x, t)`` around any backbone (docs/theory.md §7).
 
     The energy is ``E = E~(f(x, t), x) / sigma_t`` with ``E~`` one of ``ENERGIES`` (a name or a
     callable ``(f, x, sigma_t: [B]) -> [B]``). The gradient is taken inside ``forward`` with
@@ -144,14 +137,16 @@ class EnergyScore(nn.Module):
     attention runs on the math kernel so diffusers UNets with attention blocks double-backward.
     In training every parameter that enters ``E`` gets a gradient (an exact zero for one that only
     shifts ``E`` by a constant in ``x``), so DDP works without ``find_unused_parameters``.
-    The backbone's ``nn.SiLU`` modules become ``CompactSiLU`` (``double_backward.compact_silu``: the
-    same function and first derivative; on a diffusers UNet the energy step then saves 168 MB for
-    backward instead of 265 MB, L2 saving 80 MB: BENCHMARKS.md).
+    With ``compact_silu=True`` (the default) the backbone's ``nn.SiLU`` modules are converted to
+    ``CompactSiLU`` in place (``double_backward.compact_silu``: same function, same state dict; the
+    double backward saves less memory, see BENCHMARKS.md, "Fast paths tried"); ``compact_silu=False``
+    leaves the backbone untouched.
 
     Shapes: ``forward(x: [B, *D], t: [B] or float) -> [B, *D]``; ``energy(x, t) -> [B]``.
     """
 
-    def __init__(self, backbone: nn.Module, sde: SDE, energy="inner", time_input: str = "auto"):
+    def __init__(self, backbone: nn.Module, sde: SDE, energy: str | Callable = "inner", time_input: str = "auto", *,
+                 compact_silu: bool = True):
         super().__init__()
         if isinstance(energy, str):
             if energy not in ENERGIES:
@@ -161,18 +156,19 @@ class EnergyScore(nn.Module):
             self.energy_name, self._energy_fn = getattr(energy, "__name__", "custom"), energy
         else:
             raise TypeError(f"energy must be a name or a callable, got {type(energy).__name__}")
-        compact_silu(backbone)
+        if compact_silu:
+            _convert_silu(backbone)
         self.backbone, self.sde, self.time_input = backbone, sde, time_input
 
-    def energy(self, x: torch.Tensor, t) -> torch.Tensor:
+    def energy(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """``E_theta(x, t)``, shape ``[B]``."""
-        t = _time(t, x)
+        t = time_tensor(t, x, batch=x.shape[0])
         with math_attention():
             f = call_backbone(self.backbone, x, t, self.sde, self.time_input).to(x.dtype)
         sigma = self.sde.sigma(t).to(x.dtype)
         return self._energy_fn(f, x, sigma) / sigma
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = _time(t, x)
+    def forward(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        t = time_tensor(t, x, batch=x.shape[0])
         grad, _ = input_gradient(self.energy, x, t)
         return -grad

@@ -14,19 +14,21 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .metrics import energy_distance, frechet_distance, gaussian_stats, sliced_wasserstein
+from .toy import GaussianMixture
 
 __all__ = ["mixture_nll", "mixture_entropy", "toy_quality", "FeatureNet", "train_feature_net", "feature_net",
            "classifier_frechet_distance", "inception_fid"]
 
 
 # ----------------------------------------------------------------------------- toys
-def mixture_nll(mixture, x: torch.Tensor):
+def mixture_nll(mixture: GaussianMixture, x: torch.Tensor) -> tuple[float, float]:
     """``(mean, stderr)`` of ``-log p_0(x)`` over samples ``x: [N, d]`` (``inf`` if any is non-finite)."""
     x = x.reshape(x.shape[0], -1).double()
     if not torch.isfinite(x).all():
@@ -35,12 +37,14 @@ def mixture_nll(mixture, x: torch.Tensor):
     return float(nll.mean()), float(nll.std() / math.sqrt(max(nll.numel() - 1, 1)))
 
 
-def mixture_entropy(mixture, n: int = 20000, generator: torch.Generator | None = None):
+def mixture_entropy(mixture: GaussianMixture, n: int = 20000,
+                    generator: torch.Generator | None = None) -> tuple[float, float]:
     """Monte-Carlo ``(H(p_0), stderr)``: the NLL of exact samples, the floor ``mixture_nll`` approaches."""
     return mixture_nll(mixture, mixture.sample(n, generator=generator, dtype=torch.float64))
 
 
-def toy_quality(mixture, samples: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+def toy_quality(mixture: GaussianMixture, samples: torch.Tensor,
+                generator: torch.Generator | None = None) -> dict[str, float]:
     """Quality of ``samples: [N, d]`` against a mixture target.
 
     Returns ``nll`` (and ``nll_stderr``), ``entropy`` (the value exact samples give), ``energy_distance``
@@ -79,12 +83,13 @@ class FeatureNet(nn.Module):
 
 
 def train_feature_net(images: torch.Tensor, labels: torch.Tensor, epochs: int = 10, batch_size: int = 128,
-                      lr: float = 2e-3, seed: int = 0, width: int = 64):
+                      lr: float = 2e-3, seed: int = 0, width: int = 64) -> tuple[FeatureNet, float]:
     """Fit a ``FeatureNet`` on ``images: [N, C, H, W]`` in ``[-1, 1]`` and ``labels: [N]``; returns
     ``(net, held_out_accuracy)`` (10% held out)."""
     labels = torch.as_tensor(labels).long()
     if images.shape[0] != labels.shape[0] or images.shape[0] < 10:
-        raise ValueError(f"need >= 10 images with one label each, got {images.shape[0]} images and {labels.shape[0]} labels")
+        raise ValueError(f"need >= 10 images with one label each, got {images.shape[0]} images and "
+                         f"{labels.shape[0]} labels")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     perm = torch.randperm(images.shape[0], generator=g)
@@ -106,8 +111,10 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, epochs: int = 
     return net, acc
 
 
-def feature_net(key: str, images: torch.Tensor, labels: torch.Tensor, cache_dir: str, **train_kwargs) -> FeatureNet:
-    """The ``FeatureNet`` for data set ``key``: loaded from ``cache_dir/<key>.safetensors`` or trained once and saved."""
+def feature_net(key: str, images: torch.Tensor, labels: torch.Tensor, cache_dir: str,
+                **train_kwargs: Any) -> FeatureNet:
+    """The ``FeatureNet`` for data set ``key``: loaded from ``cache_dir/<key>.safetensors`` or trained once
+    and saved."""
     from safetensors.torch import load_file, save_file
 
     cache_dir = os.path.expanduser(cache_dir)
@@ -132,27 +139,33 @@ def feature_net(key: str, images: torch.Tensor, labels: torch.Tensor, cache_dir:
 @torch.no_grad()
 def _features(net: FeatureNet, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     p = next(net.parameters())
-    return torch.cat([net.features(x[i:i + batch_size].to(p)).double().cpu() for i in range(0, x.shape[0], batch_size)])
+    chunks = [net.features(x[i:i + batch_size].to(p)).double().cpu() for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(chunks)
 
 
 def classifier_frechet_distance(net: FeatureNet, real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Frechet distance between the feature Gaussians of ``real`` and ``fake`` images ``[N, C, H, W]`` in ``[-1, 1]``."""
+    """Frechet distance between the feature Gaussians of ``real`` and ``fake`` images ``[N, C, H, W]`` in
+    ``[-1, 1]``."""
     if not torch.isfinite(fake).all():
         return float("inf")
     return frechet_distance(*gaussian_stats(_features(net, real)), *gaussian_stats(_features(net, fake)))
 
 
-def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str, batch_size: int = 64, device=None) -> float:
+def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str, batch_size: int = 64,
+                  device: torch.device | str | None = None) -> float:
     """Standard FID (Inception-v3 pool features) through ``torchmetrics`` with user-supplied weights
-    (the FID Inception checkpoint, e.g. ``pt_inception-2015-12-05-6726825d.pth``). Images ``[N, C, H, W]`` in ``[-1, 1]``."""
+    (the FID Inception checkpoint, e.g. ``pt_inception-2015-12-05-6726825d.pth``). Images ``[N, C, H, W]`` in
+    ``[-1, 1]``."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as e:
         raise ImportError("inception_fid needs torchmetrics with its image extra: pip install 'torchmetrics[image]' "
                           "(and pass the Inception weights file; nothing is downloaded)") from e
     if not os.path.isfile(os.path.expanduser(weights_path)):
-        raise FileNotFoundError(f"Inception weights {weights_path!r} not found; supply the FID Inception checkpoint file")
-    fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=os.path.expanduser(weights_path))
+        raise FileNotFoundError(f"Inception weights {weights_path!r} not found; "
+                                "supply the FID Inception checkpoint file")
+    fid = FrechetInceptionDistance(feature=2048, normalize=True,
+                                   feature_extractor_weights_path=os.path.expanduser(weights_path))
     if device is not None:
         fid = fid.to(device)
     for imgs, is_real in ((real, True), (fake, False)):

@@ -1,23 +1,68 @@
-"""Samplers driven by any score callable (THEORY sections 3-4).
+"""Samplers driven by any score callable (docs/theory.md §3-4).
 
 Reverse SDE (Euler-Maruyama): ``dx = [f - g^2 s] dt + g dW_bar`` from ``t = 1`` to ``t_min``;
 probability-flow ODE (Heun, second order): ``dx/dt = f - g^2 s / 2``. Heun keeps rotations
 (zero-effect perturbations) from inflating the radius the way an explicit Euler step does.
+``reverse_sde_step`` is the one Euler-Maruyama step of the reverse SDE, public so that other samplers
+(the diagnostics' SIEM) take the same step as ``sample``.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .sde import SDE, broadcast_to
+from .sde import SDE, broadcast_to, time_tensor
 
-__all__ = ["sample"]
+__all__ = ["sample", "reverse_sde_step"]
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def reverse_sde_step(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float | torch.Tensor, h: float,
+                     noise: torch.Tensor | None) -> torch.Tensor:
+    """One Euler-Maruyama step of the reverse SDE from time ``t`` to ``t + h`` (``h < 0``: backwards in time).
+
+    ``x + h (f(x, t) - g(t)^2 s(x, t)) + sqrt(-h g(t)^2) noise``.
+
+    Args:
+        score_fn: ``(x [B, *D], t [B]) -> [B, *D]``.
+        x: the state at ``t``, ``[B, *D]``.
+        t: the current time, a float or ``[B]``.
+        h: the (negative) time step.
+        noise: standard normal ``[B, *D]``, or ``None`` for a step without noise (the last step of ``sample``).
+    """
+    if h >= 0:
+        raise ValueError(f"h must be negative (the reverse SDE runs from t = 1 down to t_min), got {h}")
+    tt = time_tensor(t, x, batch=x.shape[0])
+    g2 = broadcast_to(sde.g2(tt), x)
+    x = x + h * (sde.drift(x, tt) - g2 * score_fn(x, tt))
+    if noise is None:
+        return x
+    if noise.shape != x.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected x's shape {tuple(x.shape)}")
+    return x + (g2 * (-h)).sqrt() * noise
+
+
+def _heun_step(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """One Heun step of the probability-flow ODE ``dx/dt = f - g^2 s / 2`` from ``t`` to ``t_next``."""
+    def velocity(x, t):
+        tt = time_tensor(t, x, batch=x.shape[0])
+        return sde.drift(x, tt) - 0.5 * broadcast_to(sde.g2(tt), x) * score_fn(x, tt)
+
+    h = t_next - t
+    d1 = velocity(x, t)
+    d2 = velocity(x + h * d1, t_next)
+    return x + 0.5 * h * (d1 + d2)
 
 
 @torch.no_grad()
-def sample(score_fn, sde: SDE, shape, method: str = "sde", steps: int = 500, generator: torch.Generator | None = None,
-           device=None, dtype=torch.float32, x_T: torch.Tensor | None = None, t_min: float | None = None,
-           progress: bool = False, return_trajectory: bool = False):
+def sample(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], method: str = "sde", steps: int = 500,
+           generator: torch.Generator | None = None, device: torch.device | str | None = None,
+           dtype: torch.dtype = torch.float32, x_T: torch.Tensor | None = None, t_min: float | None = None,
+           progress: bool = False, return_trajectory: bool = False
+           ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Draw samples by integrating the reverse-time dynamics from the prior.
 
     Args:
@@ -40,31 +85,15 @@ def sample(score_fn, sde: SDE, shape, method: str = "sde", steps: int = 500, gen
     t_end = sde.t_min if t_min is None else float(t_min)
     x = sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T.clone()
     ts = torch.linspace(sde.T, t_end, steps + 1, dtype=torch.float64)
-    B = x.shape[0]
     traj = [x.cpu()] if return_trajectory else None
-
-    def vec(t):
-        return torch.full((B,), float(t), dtype=x.dtype, device=x.device)
-
-    def ode_drift(x, t):
-        tt = vec(t)
-        return sde.drift(x, tt) - 0.5 * broadcast_to(sde.g2(tt), x) * score_fn(x, tt)
-
     for i in tqdm(range(steps), disable=not progress, desc=f"sampling ({method})", leave=False):
         t, t_next = float(ts[i]), float(ts[i + 1])
-        h = t_next - t                                                     # negative
         if method == "ode":
-            d1 = ode_drift(x, t)
-            x_pred = x + h * d1
-            d2 = ode_drift(x_pred, t_next)
-            x = x + 0.5 * h * (d1 + d2)
+            x = _heun_step(score_fn, sde, x, t, t_next)
         else:
-            tt = vec(t)
-            g2 = broadcast_to(sde.g2(tt), x)
-            x = x + h * (sde.drift(x, tt) - g2 * score_fn(x, tt))
-            if i < steps - 1:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = x + (g2 * (-h)).sqrt() * z
+            last = i == steps - 1
+            noise = None if last else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = reverse_sde_step(score_fn, sde, x, t, t_next - t, noise)
         if traj is not None:
             traj.append(x.cpu())
     return (x, traj) if return_trajectory else x

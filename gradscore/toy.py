@@ -1,4 +1,4 @@
-"""Gaussian-mixture targets with exact scores and densities at every time (THEORY section 8).
+"""Gaussian-mixture targets with exact scores and densities at every time (docs/theory.md §8).
 
 Under a linear-Gaussian process ``x_t = alpha_t x_0 + sigma_t eps`` a mixture
 ``sum_k pi_k N(mu_k, Sigma_k)`` stays a mixture: ``p_t = sum_k pi_k N(alpha_t mu_k, C_k)`` with
@@ -8,10 +8,11 @@ shares ``U_k``, so log-densities and scores are exact and cheap for per-sample t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from .sde import SDE
+from .sde import SDE, time_tensor
 
 __all__ = ["GaussianMixture", "PRESETS", "add_zero_effect", "skew_matrix"]
 
@@ -27,17 +28,22 @@ class GaussianMixture:
     Computations run in float64 and return ``x``'s dtype.
     """
 
-    def __init__(self, means, covs=None, weights=None):
+    def __init__(self, means: torch.Tensor | list, covs: torch.Tensor | list | None = None,
+                 weights: torch.Tensor | list | None = None):
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.dim() != 2:
             raise ValueError(f"means must be [K, d], got shape {tuple(means.shape)}")
         K, d = means.shape
-        covs = torch.eye(d, dtype=torch.float64).expand(K, d, d) if covs is None else torch.as_tensor(covs, dtype=torch.float64)
+        if covs is None:
+            covs = torch.eye(d, dtype=torch.float64).expand(K, d, d)
+        covs = torch.as_tensor(covs, dtype=torch.float64)
         if covs.shape != (K, d, d):
             raise ValueError(f"covs must be [K, d, d] = [{K}, {d}, {d}], got {tuple(covs.shape)}")
         if not torch.allclose(covs, covs.transpose(1, 2), atol=1e-10):
             raise ValueError("covs must be symmetric")
-        weights = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if weights is None:
+            weights = torch.full((K,), 1.0 / K, dtype=torch.float64)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (K,) or not torch.all(weights > 0):
             raise ValueError(f"weights must be [K] = [{K}] and positive, got {weights.tolist()}")
         lam, U = torch.linalg.eigh(covs)
@@ -49,23 +55,25 @@ class GaussianMixture:
         self.dim, self.num_components = d, K
 
     # ----------------------------------------------------------------------------- sampling
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> torch.Tensor:
         """``n`` samples of ``p_0``, ``[n, d]``."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         x = self.means[k] + torch.einsum("nij,nj->ni", self._chol[k], z)
         return x.to(dtype=dtype, device=device)
 
-    def sample_t(self, n: int, t: float, sde: SDE, generator: torch.Generator | None = None, dtype=torch.float32):
+    def sample_marginal(self, n: int, t: float, sde: SDE, generator: torch.Generator | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``n`` samples of ``p_t`` (``x_0 ~ p_0`` then the forward kernel)."""
         x0 = self.sample(n, generator=generator, dtype=torch.float64)
         xt, _ = sde.perturb(x0, torch.full((n,), float(t), dtype=torch.float64), generator=generator)
         return xt.to(dtype)
 
     # ----------------------------------------------------------------------------- densities
-    def _terms(self, x: torch.Tensor, t, sde: SDE | None):
+    def _terms(self, x: torch.Tensor, t: float | torch.Tensor, sde: SDE | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-component log-density ``[B, K]`` and ``u_k = -C_k^-1 (x - alpha mu_k)`` ``[B, K, d]``."""
-        x64 = x.detach().to(torch.float64).reshape(x.shape[0], -1) if not x.requires_grad else x.to(torch.float64).reshape(x.shape[0], -1)
+        x64 = (x if x.requires_grad else x.detach()).to(torch.float64).reshape(x.shape[0], -1)
         if x64.shape[1] != self.dim:
             raise ValueError(f"x must be [B, {self.dim}], got {tuple(x.shape)}")
         B = x64.shape[0]
@@ -73,10 +81,7 @@ class GaussianMixture:
             a = torch.ones(B, dtype=torch.float64, device=x.device)
             s = torch.zeros(B, dtype=torch.float64, device=x.device)
         else:
-            tt = torch.as_tensor(t, dtype=torch.float64).to(x.device)
-            tt = tt.expand(B) if tt.dim() == 0 else tt
-            if tt.shape != (B,):
-                raise ValueError(f"t must be a float or a [B] tensor with B={B}, got shape {tuple(tt.shape)}")
+            tt = time_tensor(t, x64, batch=B).to(torch.float64)
             a, s = sde.alpha(tt), sde.sigma(tt)
         means, lam, U = (v.to(x.device) for v in (self.means, self._lam, self._U))
         diff = x64[:, None, :] - a[:, None, None] * means[None]                 # [B, K, d]
@@ -86,30 +91,30 @@ class GaussianMixture:
         u = -torch.einsum("kij,bkj->bki", U, z / var)                           # -C_k^-1 diff
         return logN + self.weights.to(x.device).log()[None], u
 
-    def log_prob(self, x: torch.Tensor, t=0.0, sde: SDE | None = None) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, t: float | torch.Tensor = 0.0, sde: SDE | None = None) -> torch.Tensor:
         """``log p_t(x)``, ``[B]``."""
         logw, _ = self._terms(x, t, sde)
         return torch.logsumexp(logw, dim=1).to(x.dtype)
 
-    def score(self, x: torch.Tensor, t=0.0, sde: SDE | None = None) -> torch.Tensor:
+    def score(self, x: torch.Tensor, t: float | torch.Tensor = 0.0, sde: SDE | None = None) -> torch.Tensor:
         """``grad log p_t(x) = sum_k gamma_k u_k`` with ``gamma = softmax(log pi_k + log N_k)``, ``[B, d]``."""
         logw, u = self._terms(x, t, sde)
         gamma = torch.softmax(logw, dim=1)
         return (gamma[..., None] * u).sum(1).to(x.dtype).reshape(x.shape)
 
-    def score_fn(self, sde: SDE):
+    def score_fn(self, sde: SDE) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The exact score as a callable ``(x, t) -> [B, d]``."""
         return lambda x, t: self.score(x, t, sde)
 
     # ----------------------------------------------------------------------------- presets
     @classmethod
-    def preset(cls, name: str) -> "GaussianMixture":
+    def preset(cls, name: str) -> GaussianMixture:
         """A named 2-D mixture: one of ``PRESETS``."""
         if name not in PRESETS:
             raise ValueError(f"unknown mixture preset {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"GaussianMixture(K={self.num_components}, d={self.dim})"
 
 
@@ -139,7 +144,7 @@ PRESETS = {"ring8": _ring8, "grid9": _grid9, "pair": _pair, "anisotropic": _anis
 
 
 # ----------------------------------------------------------------------------- zero-effect perturbation
-def skew_matrix(d: int, dtype=torch.float32, device=None) -> torch.Tensor:
+def skew_matrix(d: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """The block-rotation skew matrix ``J`` (``J^T = -J``): ``[[0, -1], [1, 0]]`` on coordinate pairs."""
     J = torch.zeros(d, d, dtype=dtype, device=device)
     for i in range(0, d - 1, 2):
@@ -147,11 +152,12 @@ def skew_matrix(d: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return J
 
 
-def add_zero_effect(score_fn, c: float, J: torch.Tensor | None = None):
+def add_zero_effect(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], c: float,
+                    J: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``s'(x, t) = s(x, t) + c J s(x, t)`` with ``J`` skew.
 
     When ``s = grad log p_t`` the added field ``c J grad log p_t`` satisfies ``div(p_t c J grad log p_t) = 0``
-    (THEORY section 3): the L2 error is ``c^2 E|J grad log p_t|^2`` but no exact sampler notices.
+    (docs/theory.md §3): the L2 error is ``c^2 E|J grad log p_t|^2`` but no exact sampler notices.
     Works for ``x: [B, *D]`` (``J`` acts on the flattened ``D``; default ``skew_matrix``).
     """
     if J is not None and not torch.allclose(J, -J.T):

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 import gradscore as gs
-from gradscore.objectives import draw_probes
+from gradscore.objectives.asymmetry import draw_probes
 
 B, D, ITERS = 16, 2, 2
 

@@ -1,11 +1,12 @@
-"""DSMLoss (THEORY section 7) against its analytic value at the exact score of a Gaussian."""
+"""DSMLoss (docs/theory.md §7) against its analytic value at the exact score of a Gaussian."""
 import math
 
 import pytest
 import torch
 
 from gradscore import DSMLoss, TimeMLP, ScoreModel
-from gradscore.objectives import WEIGHTINGS, draw_perturbation, residual, resolve_weighting
+from gradscore.objectives.dsm import draw_perturbation, residual
+from gradscore.objectives.weighting import WEIGHTINGS, resolve_weighting
 from gradscore.sde import VESDE, VPSDE
 from gradscore.toy import GaussianMixture
 

@@ -17,7 +17,8 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils.checkpoint import checkpoint
 
 from gradscore import DSMLoss, EnergyScore, TimeMLP, VPSDE
-from gradscore.parametrisation import _time, call_backbone
+from gradscore.parametrisation import call_backbone
+from gradscore.sde import time_tensor
 
 B, D = 64, 3
 
@@ -46,7 +47,7 @@ def test_reverse_over_forward_gives_the_double_backward_gradient():
     loss_ref, grads_ref = _plain(model, sde, x0)
 
     g = torch.Generator().manual_seed(2)                     # the same draws as DSMLoss
-    t = sde.sample_t(B, generator=g, dtype=torch.float64)
+    t = sde.sample_time(B, generator=g, dtype=torch.float64)
     xt, eps = sde.perturb(x0, t, generator=g)
     with torch.no_grad():
         score = model(xt, t)                                  # forward without a graph
@@ -69,7 +70,7 @@ class _CheckpointedEnergy(EnergyScore):
     """``EnergyScore`` whose backbone runs under non-reentrant activation checkpointing."""
 
     def energy(self, x, t):
-        t = _time(t, x)
+        t = time_tensor(t, x, batch=x.shape[0])
         f = checkpoint(call_backbone, self.backbone, x, t, self.sde, self.time_input, use_reentrant=False).to(x.dtype)
         sigma = self.sde.sigma(t).to(x.dtype)
         return self._energy_fn(f, x, sigma) / sigma
@@ -148,3 +149,30 @@ def test_compact_silu_energy_on_a_unet_is_exact_and_saves_less():
         return lambda: DSMLoss(sde)(m, x0, generator=torch.Generator().manual_seed(2)).mean()
     params = list(compact.parameters()) + list(plain.parameters())
     assert saved_bytes(forward(compact), params) <= 0.8 * saved_bytes(forward(plain), params)
+
+
+def test_compact_silu_keyword_converts_or_leaves_the_backbone():
+    """EnergyScore and Critic take ``compact_silu``: True (default) converts the caller's nn.SiLU modules in
+    place to CompactSiLU (same objects, same state dict); False leaves every module's class as it was.
+    Either way the score / critic gradient is the same: bitwise outside ``create_graph`` (PyTorch's own
+    silu and silu_backward kernels in both), to float32 rounding (1e-6) under it."""
+    from gradscore import Critic
+    from gradscore.double_backward import CompactSiLU
+
+    sde = VPSDE()
+    x, t = torch.randn(16, D, generator=torch.Generator().manual_seed(3)), torch.full((16,), 0.4)
+    for wrap, out_dim in ((EnergyScore, None), (Critic, 1)):
+        torch.manual_seed(0)
+        untouched, converted = TimeMLP(D, 32, 2, out_dim=out_dim), TimeMLP(D, 32, 2, out_dim=out_dim)
+        converted.load_state_dict(untouched.state_dict())
+        silus = [m for m in untouched.modules() if isinstance(m, torch.nn.SiLU)]
+        state = {k: v.clone() for k, v in untouched.state_dict().items()}
+        plain_model = wrap(untouched, sde, compact_silu=False)
+        assert silus and all(type(m) is torch.nn.SiLU for m in silus), wrap.__name__
+        compact_model = wrap(converted, sde)
+        assert all(type(m) is CompactSiLU for m in converted.modules() if isinstance(m, torch.nn.SiLU))
+        assert converted.state_dict().keys() == state.keys()
+        assert all(torch.equal(converted.state_dict()[k], v) for k, v in state.items())
+        with torch.no_grad():
+            assert torch.equal(plain_model(x, t), compact_model(x, t)), wrap.__name__
+        torch.testing.assert_close(plain_model(x, t), compact_model(x, t), rtol=1e-6, atol=1e-6)

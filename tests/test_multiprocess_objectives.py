@@ -1,6 +1,6 @@
 """Every registered objective gives the same gradients on two processes (accelerate, gloo, CPU,
-DDP with accelerate's defaults) as on one process over the full batch (ENGINEERING.md: double
-backward under DDP is only exact when gradients are taken inside the module's forward).
+DDP with accelerate's defaults) as on one process over the full batch (docs/engineering.md, "Double
+backward": double backward under DDP is only exact when gradients are taken inside the module's forward).
 
 Tolerance 1e-6 absolute (measured: <= 6e-8): float32 rounding of a mean over 2 x 8 samples reduced in a different order
 (gradients here are of order 1e-1 to 1e1)."""

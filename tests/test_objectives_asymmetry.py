@@ -1,4 +1,4 @@
-"""Jacobian-asymmetry penalty (THEORY section 7): exact against dense Jacobians.
+"""Jacobian-asymmetry penalty (docs/theory.md §7): exact against dense Jacobians.
 
 For a fixed probe ``v`` the estimator ``1/2 |J v - J^T v|^2`` is deterministic, so it is compared
 with the dense ``torch.autograd.functional.jacobian`` at float64 rounding; averaging it over ALL
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import gradscore as gs
-from gradscore.objectives import AsymmetryPenalty, asymmetry_probe, draw_probes
+from gradscore.objectives import AsymmetryPenalty
+from gradscore.objectives.asymmetry import asymmetry_probe, draw_probes
 
 
 def dense_jacobians(fn, x):
@@ -79,6 +80,29 @@ def test_objective_is_dsm_plus_weighted_penalty():
     expected = gs.DSMLoss(sde)(model, x0, t=t, noise=eps) + 0.3 * lam * sde.sigma(t) ** 2 * pen
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     assert torch.all(got > gs.DSMLoss(sde)(model, x0, t=t, noise=eps))
+
+
+def test_paper_weighting_is_sigma2_whatever_the_dsm_weighting():
+    """``penalty_weighting="sigma2"`` (Chao et al. 2022): the penalty is weighted by sigma_t^2 alone, not by
+    lambda(t) sigma_t^2, so with the likelihood weighting lambda = g^2 the objective is
+    ``DSM_likelihood + w sigma_t^2 pen``. Same probes and noise: float64 rounding (1e-10)."""
+    sde, model, x0, t = model_and_x()
+    eps = torch.randn_like(x0)
+    probes = draw_probes((1, *x0.shape), "rademacher", torch.Generator().manual_seed(4), dtype=torch.float64)
+    obj = AsymmetryPenalty(sde, weighting="likelihood", asymmetry_weight=0.3, penalty_weighting="sigma2")
+    got = obj(model, x0, t=t, noise=eps, probe_vectors=probes)
+    xt = (sde.alpha(t)[:, None] * x0 + sde.sigma(t)[:, None] * eps).requires_grad_(True)
+    pen = asymmetry_probe(model(xt, t), xt, probes[0])
+    expected = gs.DSMLoss(sde, weighting="likelihood")(model, x0, t=t, noise=eps) + 0.3 * sde.sigma(t) ** 2 * pen
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    default = AsymmetryPenalty(sde, weighting="likelihood", asymmetry_weight=0.3)(model, x0, t=t, noise=eps,
+                                                                                    probe_vectors=probes)
+    expected_default = gs.DSMLoss(sde, weighting="likelihood")(model, x0, t=t, noise=eps) \
+        + 0.3 * sde.g2(t) * sde.sigma(t) ** 2 * pen
+    torch.testing.assert_close(default, expected_default, rtol=1e-10, atol=1e-12)
+    assert gs.OBJECTIVES["asymmetry"].defaults["penalty_weighting"] == "lambda_sigma2"
+    with pytest.raises(ValueError, match="penalty_weighting must be one of"):
+        AsymmetryPenalty(sde, penalty_weighting="paper")
 
 
 def test_penalty_trains_without_backward_inside_and_under_autocast(monkeypatch):

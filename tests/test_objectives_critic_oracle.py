@@ -1,4 +1,4 @@
-"""Training only the critic recovers the gradient part of a known score error (THEORY sections 5, 8).
+"""Training only the critic recovers the gradient part of a known score error (docs/theory.md §5, §8).
 
 Wrong score at a fixed time t on a 2-D mixture (VP): ``s = grad log p_t + grad phi + c J grad log p_t``
 with ``phi(x) = a.x + x^T B x / 2`` (B symmetric) and J the 2-D rotation generator. The error is

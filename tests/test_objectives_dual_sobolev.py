@@ -1,4 +1,4 @@
-"""Critic, dual-Sobolev objective and energy objective: exact identities (THEORY sections 5 and 7).
+"""Critic, dual-Sobolev objective and energy objective: exact identities (docs/theory.md §5 and §7).
 
 Every check here is deterministic (fixed t, noise): the tolerances are float32/float64 rounding."""
 import pytest
@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import gradscore as gs
-from gradscore.objectives import DualSobolevLoss, EnergyDSMLoss, reverse_gradient
+from gradscore.objectives import DualSobolevLoss, EnergyDSMLoss
+from gradscore.objectives.dual_sobolev import reverse_gradient
 
 
 class Quadratic(nn.Module):
@@ -169,3 +170,19 @@ def test_energy_objective_is_dsm_on_an_energy_model_and_rejects_others():
     torch.testing.assert_close(obj(DDPLike(energy_model), x0, t=t, noise=eps), obj(energy_model, x0, t=t, noise=eps))
     with pytest.raises(TypeError, match="EnergyScore.*ScoreModel"):
         obj(gs.ScoreModel(gs.TimeMLP(2, 16, 2), sde), x0)
+
+
+def test_critic_objective_is_maximised_at_the_residual():
+    """Oracle: ``2 r.g - |g|^2 = |r|^2 - |r - g|^2`` per sample (float64 rounding, 1e-12), so its maximum
+    over g is |r|^2, at g = r; it is homogeneous of degree 2; shapes must agree."""
+    from gradscore.critic import critic_objective
+
+    g = torch.Generator().manual_seed(0)
+    r, psi = torch.randn(6, 2, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
+    value = critic_objective(r, psi)
+    assert value.shape == (6,)
+    torch.testing.assert_close(value, r.flatten(1).pow(2).sum(1) - (r - psi).flatten(1).pow(2).sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(critic_objective(r, r), r.flatten(1).pow(2).sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(critic_objective(0.3 * r, 0.3 * psi), 0.09 * value, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"residual \(6, 2, 3\) and grad psi \(6, 6\)"):
+        critic_objective(r, psi.reshape(6, 6))

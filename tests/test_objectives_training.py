@@ -1,19 +1,19 @@
-"""Every objective trains a score model whose samples are as good as the L2 model's (THEORY section 7).
+"""Every objective trains a score model whose samples are as good as the L2 model's (docs/theory.md §7).
 
 Oracle: the energy distance between 2000 reverse-SDE samples (200 steps) and 2000 target samples,
 compared with the L2-trained model at the same step budget, ring8 target. Every objective gets the
 training recipe of the driver (train/): 1500 score steps of a TimeMLP(2, 128, 3), batch 256, one Adam
 optimizer (2e-3) over model + critic, a 50-step linear warm-up, gradient clipping at norm 1, and an EMA
-of the weights (decay 0.99) that is sampled; ``objective(model, x0).mean()`` backward, then
-``n_critic - 1`` extra ``critic_loss`` steps.
+of the weights (decay 0.99) that is sampled; each step is ``gradscore.train_step``: the objective's
+``phases()``, ``n_critic - 1`` critic-only ``critic_loss`` steps, then ``objective(model, x0).mean()``.
 Tolerance: the mean distance over two seeds within 2x of L2's (the acceptance bound). Seed-to-seed
 spread at this budget is large, hence two seeds; the noise floor at 2000 vs 2000 samples (about
 0.0014-0.002) is far below the values compared.
 Why the EMA matters: "dual_sobolev" alone is a min-max game in which the score's solenoidal part has
-no restoring force; its last iterate wanders (seeds 0, 1, 2: 0.128, 0.048, 0.071 without averaging)
-while the averaged iterate converges (0.0183, 0.0190, 0.0202 vs L2's 0.0153, 0.0153, 0.0164 with the
+no restoring force; its last iterate wanders (seeds 0, 1, 2: 0.179, 0.087, 0.047 without averaging)
+while the averaged iterate converges (0.0189, 0.0222, 0.0210 vs L2's 0.0153, 0.0153, 0.0164 with the
 same EMA), the classic behaviour of averaged iterates in descent-ascent. Measured with
-``train_and_sample`` below (3 seeds, one thread).
+``train_and_sample`` below (3 seeds, one thread; BENCHMARKS.md, "dual_sobolev stability (toy)").
 """
 import copy
 
@@ -25,9 +25,10 @@ import gradscore as gs
 STEPS, BATCH, PRESET = 1500, 256, "ring8"
 
 
-def train_and_sample(name, steps=STEPS, seed=0, critic_lr=2e-3, warmup=50, clip=1.0, ema_decay=0.99, **hparams):
+def train_and_sample(name, steps=STEPS, seed=0, critic_lr=2e-3, warmup=50, clip=1.0, ema_decay=0.99, average=True,
+                     **hparams):
     """Train with objective ``name`` (the driver's recipe) and return the energy distance of the EMA
-    model's samples to the target."""
+    model's samples (``average=False``: the last iterate's) to the target."""
     torch.manual_seed(seed)
     sde, mix = gs.VPSDE(), gs.toy.GaussianMixture.preset(PRESET)
     spec = gs.OBJECTIVES[name]
@@ -35,7 +36,6 @@ def train_and_sample(name, steps=STEPS, seed=0, critic_lr=2e-3, warmup=50, clip=
     model = gs.EnergyScore(backbone, sde) if spec.parametrisation == "energy" else gs.ScoreModel(backbone, sde)
     critic = gs.Critic(gs.TimeMLP(2, 64, 3, out_dim=1), sde) if spec.needs_critic else None
     objective = gs.build_objective(name, sde, critic=critic, **hparams)
-    params = list(model.parameters()) + (list(critic.parameters()) if critic is not None else [])
     groups = [{"params": list(model.parameters())}]
     if critic is not None:
         groups.append({"params": list(critic.parameters()), "lr": critic_lr})
@@ -44,21 +44,13 @@ def train_and_sample(name, steps=STEPS, seed=0, critic_lr=2e-3, warmup=50, clip=
     ema = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
 
-    def update(loss):
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
-        opt.step()
-
     for _ in range(steps):
-        update(objective(model, mix.sample(BATCH, generator=g), generator=g).mean())
-        for _ in range(objective.n_critic - 1):
-            update(objective.critic_loss(model, mix.sample(BATCH, generator=g), generator=g).mean())
+        gs.train_step(objective, model, lambda: mix.sample(BATCH, generator=g), opt, clip=clip, generator=g)
         warm.step()
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1 - ema_decay)
-    x = gs.sample(ema, sde, (2000, 2), method="sde", steps=200, generator=torch.Generator().manual_seed(1))
+    x = gs.sample(ema if average else model, sde, (2000, 2), method="sde", steps=200, generator=torch.Generator().manual_seed(1))
     y = mix.sample(2000, generator=torch.Generator().manual_seed(2))
     return gs.energy_distance(x, y)
 

@@ -1,4 +1,4 @@
-"""Parametrisations (THEORY sections 1 and 7): eps / score / x0 conversions, and the conservative
+"""Parametrisations (docs/theory.md §1 and §7): eps / score / x0 conversions, and the conservative
 EnergyScore s = -grad_x E (double backward, diffusers UNet with attention)."""
 import contextlib
 
@@ -37,7 +37,7 @@ class GaussianOracle(nn.Module):
 
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.01, 10.0)], ids=["vp", "ve"])
 def test_score_model_conversions_agree(sde, gen):
-    """THEORY section 1: eps_hat = -sigma_t s and x0_hat = (x_t + sigma_t^2 s) / alpha_t. Backbones giving the
+    """docs/theory.md §1: eps_hat = -sigma_t s and x0_hat = (x_t + sigma_t^2 s) / alpha_t. Backbones giving the
     exact eps / score / x0 of a Gaussian target must all yield the exact score (float64, rounding 1e-10)."""
     m, s0 = torch.tensor([0.5, -1.0, 2.0], dtype=F64), 0.7
     x = torch.randn(16, 3, generator=gen, dtype=F64) * 2
@@ -283,8 +283,8 @@ def _ddp_model(sde, energy):
 @pytest.mark.slow
 @pytest.mark.parametrize("energy", ["inner", "scalar"])
 def test_energy_score_is_exact_under_ddp(energy, tmp_path, gen):
-    """ENGINEERING note: double backward outside the DDP forward gives wrong gradients; EnergyScore takes the gradient
-    inside forward. Oracle: 2 gloo processes, each on half the batch, end with the parameters of one process on the
+    """docs/engineering.md, "Double backward": double backward outside the DDP forward gives wrong gradients;
+    EnergyScore takes the gradient inside forward. Oracle: 2 gloo processes, each on half the batch, end with the parameters of one process on the
     whole batch after 3 SGD steps (float64; tolerance 1e-10: only the order of the gradient all-reduce differs).
     energy="scalar" has a parameter that gets no gradient through -grad_x E (the head's last bias): it must still
     work (it used to fail with "Expected to have finished reduction") and that bias must stay put."""

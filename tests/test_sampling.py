@@ -1,4 +1,4 @@
-"""Samplers (THEORY sections 3-4): with the exact score they reproduce the target, and the Heun ODE does not
+"""Samplers (docs/theory.md §3-4): with the exact score they reproduce the target, and the Heun ODE does not
 notice a zero-effect (solenoidal) perturbation of the score. Also runs the README's training loop."""
 import math
 import pathlib
@@ -57,7 +57,7 @@ def test_wrong_score_is_detected(ring8_threshold):
 
 @pytest.mark.parametrize("c", [1.0, 2.0])
 def test_heun_ode_ignores_zero_effect_perturbation_on_mixture(c, ring8_threshold):
-    """THEORY section 3: s' = s + c J s has L2 error c^2 E|J s|^2 (large) but the same marginals, so the Heun ODE
+    """docs/theory.md §3: s' = s + c J s has L2 error c^2 E|J s|^2 (large) but the same marginals, so the Heun ODE
     still reproduces ring8 within the noise floor. Control: a perturbation of the same size with a SYMMETRIC
     matrix (not zero-effect) is caught by orders of magnitude."""
     sde = VPSDE()
@@ -79,7 +79,7 @@ def test_heun_ode_zero_effect_is_a_pure_rotation():
     so in exact arithmetic the c = 2 endpoint is the c = 0 endpoint rotated: same radius for every sample.
     Tolerance from the step size: Heun's local error on z = h lambda (|lambda| = |a + i b|) is |z|^3 / 6 per step,
     so the relative radius mismatch of the two runs is below sum_i |z_i|^3 / 3 (~0.018 at 200 steps; measured 3e-4).
-    Control (THEORY 3 caveat): an explicit Euler step would inflate the radius by prod_i sqrt(1 + h^2 b_i^2) - 1,
+    Control (docs/theory.md §3 caveat): an explicit Euler step would inflate the radius by prod_i sqrt(1 + h^2 b_i^2) - 1,
     which is larger than that tolerance, so the check is sharp enough to tell the schemes apart."""
     sde, v, c = VPSDE(), 0.5, 2.0
     gm = GaussianMixture(torch.zeros(1, 2, dtype=F64), v * torch.eye(2, dtype=F64)[None])
@@ -146,11 +146,34 @@ def test_readme_training_loop_runs():
         assert name in namespace and torch.isfinite(namespace[name]).all()
 
 
-def test_demo_runs_small(tmp_path, capsys):
-    """`make demo` end to end with tiny sizes: prints the energy distances and writes the plot."""
-    from gradscore import demo
-    results = demo.main(["--steps", "30", "--batch", "64", "--sample-steps", "10", "--n", "200", "--out", str(tmp_path)])
-    assert set(results) == {"ode", "sde"} and all(torch.isfinite(x).all() for x, _, _ in results.values())
-    assert (tmp_path / "samples.png").stat().st_size > 10_000
-    out = capsys.readouterr().out
-    assert "energy distance" in out and str(tmp_path / "samples.png") in out
+def test_reverse_sde_step_is_euler_maruyama():
+    """Oracle: the Euler-Maruyama formula written out for the VP process (f = -beta x / 2, g^2 = beta,
+    beta linear) with the exact score of a Gaussian N(0, v I); float64 rounding (1e-12). ``noise=None`` is
+    the drift-only step, and ``sample(method="sde")`` is exactly a chain of these steps (same draws)."""
+    from gradscore.sampling import reverse_sde_step
+
+    sde, v = VPSDE(0.1, 20.0), 0.5
+    score = GaussianMixture(torch.zeros(1, 3), v * torch.eye(3)[None]).score_fn(sde)
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    t, h = 0.6, -0.01
+    beta = 0.1 + t * (20.0 - 0.1)
+    var_t = float(sde.alpha(torch.tensor(t, dtype=F64))) ** 2 * v + float(sde.sigma(torch.tensor(t, dtype=F64))) ** 2
+    drift_only = x + h * (-0.5 * beta * x - beta * (-x / var_t))
+    torch.testing.assert_close(reverse_sde_step(score, sde, x, t, h, None), drift_only, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reverse_sde_step(score, sde, x, torch.full((5,), t, dtype=F64), h, z),
+                               drift_only + math.sqrt(-h * beta) * z, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="h must be negative"):
+        reverse_sde_step(score, sde, x, t, 0.01, z)
+    with pytest.raises(ValueError, match="noise has shape"):
+        reverse_sde_step(score, sde, x, t, h, z[:, :2])
+
+    steps, x_T = 4, torch.randn(5, 3, generator=g, dtype=F64)
+    g_chain, ts = torch.Generator().manual_seed(7), torch.linspace(1.0, sde.t_min, steps + 1, dtype=F64)
+    chain = x_T
+    for i in range(steps):
+        noise = None if i == steps - 1 else torch.randn(chain.shape, generator=g_chain, dtype=F64)
+        chain = reverse_sde_step(score, sde, chain, float(ts[i]), float(ts[i + 1] - ts[i]), noise)
+    sampled = sample(score, sde, (5, 3), method="sde", steps=steps, x_T=x_T, generator=torch.Generator().manual_seed(7),
+                     dtype=F64)
+    assert torch.equal(sampled, chain)

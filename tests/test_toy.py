@@ -1,4 +1,4 @@
-"""Gaussian-mixture oracle (THEORY section 8) and the zero-effect perturbation (THEORY section 3)."""
+"""Gaussian-mixture oracle (docs/theory.md §8) and the zero-effect perturbation (docs/theory.md §3)."""
 import pytest
 import torch
 
@@ -37,7 +37,7 @@ def test_score_is_gradient_of_log_prob(sde_name, d, gen):
     gm = random_mixture(d, 4, gen)
     B = 64
     t = torch.rand(B, generator=gen, dtype=torch.float64) * 0.98 + 0.01
-    x = gm.sample_t(B, 0.3, sde, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(B, d, generator=gen, dtype=torch.float64)
+    x = gm.sample_marginal(B, 0.3, sde, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(B, d, generator=gen, dtype=torch.float64)
     logp = gm.log_prob(x, t, sde)
     torch.testing.assert_close(logp, reference_log_prob(gm, x, t, sde), rtol=1e-9, atol=1e-9)
     xg = x.clone().requires_grad_(True)
@@ -75,7 +75,7 @@ def test_samples_have_the_mixture_moments(t, gen):
     sde = VPSDE()
     gm = GaussianMixture.preset("anisotropic")
     n = 40000
-    x = gm.sample(n, generator=gen, dtype=torch.float64) if t == 0 else gm.sample_t(n, t, sde, generator=gen, dtype=torch.float64)
+    x = gm.sample(n, generator=gen, dtype=torch.float64) if t == 0 else gm.sample_marginal(n, t, sde, generator=gen, dtype=torch.float64)
     a, s = (1.0, 0.0) if t == 0 else (float(sde.alpha(t)), float(sde.sigma(t)))
     mean, cov = _mixture_moments(gm, a, s)
     xc = x - x.mean(0)
@@ -123,7 +123,7 @@ def test_skew_matrix():
 
 @pytest.mark.parametrize("d", [2, 4])
 def test_zero_effect_field_is_divergence_free_for_p_t(d, gen):
-    """THEORY section 3 oracle: w = c J grad log p_t satisfies div(p_t w) = 0, i.e. div w + grad log p_t . w = 0.
+    """docs/theory.md §3 oracle: w = c J grad log p_t satisfies div(p_t w) = 0, i.e. div w + grad log p_t . w = 0.
     Divergence by exact autograd (one backward per coordinate) in float64 on a random mixture; tolerance
     1e-9 relative to the size of each term (|div w| + |s.w| are O(10) here and cancel to rounding)."""
     sde = VPSDE()
@@ -133,7 +133,7 @@ def test_zero_effect_field_is_divergence_free_for_p_t(d, gen):
     c = 2.0
     w_fn = add_zero_effect(gm.score_fn(sde), c, J)
     s_fn = gm.score_fn(sde)
-    x = gm.sample_t(32, 0.1, sde, generator=gen, dtype=torch.float64).requires_grad_(True)
+    x = gm.sample_marginal(32, 0.1, sde, generator=gen, dtype=torch.float64).requires_grad_(True)
     t = torch.full((32,), 0.1, dtype=torch.float64)
     w = w_fn(x, t) - s_fn(x, t)                                   # the added field c J s
     torch.testing.assert_close(w, c * s_fn(x, t) @ J.T)

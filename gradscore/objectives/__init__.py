@@ -1,18 +1,19 @@
-"""Training objectives. Each is called ``objective(model, x0) -> [B]`` (unreduced).
+"""Training objectives. Each is an ``Objective``, called ``objective(model, x0) -> [B]`` (unreduced).
 
-Build them by name with ``build_objective(name, sde, critic=None, **hparams)``; ``OBJECTIVES``
-describes each (parametrisation, critic, default hyperparameters)."""
-from .asymmetry import PROBES, AsymmetryPenalty, asymmetry_probe, draw_probes
-from .dsm import DSMLoss, draw_perturbation, residual
-from .dual_sobolev import DualSobolevLoss, reverse_gradient
-from .energy import EnergyDSMLoss, unwrap_model
+Build them by name with ``build_objective(name, sde, critic=None, **hparams)``; ``OBJECTIVES`` describes
+each (parametrisation, critic, default hyperparameters, ``validate``). ``objective.phases()`` is the
+recipe of one optimizer step and ``train_step`` runs it in a plain PyTorch loop. Helpers
+(``draw_perturbation``, ``residual``, ``reverse_gradient``, ``draw_probes``, ``unwrap_model``...) are
+imported from their modules."""
+from .asymmetry import AsymmetryPenalty
+from .base import Objective, Phase
+from .dsm import DSMLoss
+from .dual_sobolev import DualSobolevLoss
+from .energy import EnergyDSMLoss
+from .recipe import train_step
 from .registry import OBJECTIVES, ObjectiveSpec, build_objective
-from .weighting import WEIGHTINGS, resolve_weighting
 
 __all__ = [
-    "DSMLoss", "draw_perturbation", "residual", "WEIGHTINGS", "resolve_weighting",
-    "EnergyDSMLoss", "unwrap_model",
-    "DualSobolevLoss", "reverse_gradient",
-    "AsymmetryPenalty", "asymmetry_probe", "draw_probes", "PROBES",
-    "OBJECTIVES", "ObjectiveSpec", "build_objective",
+    "Objective", "Phase", "DSMLoss", "EnergyDSMLoss", "DualSobolevLoss", "AsymmetryPenalty",
+    "OBJECTIVES", "ObjectiveSpec", "build_objective", "train_step",
 ]

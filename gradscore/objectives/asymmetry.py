@@ -1,4 +1,4 @@
-"""Jacobian-asymmetry penalty, the quasi-conservative baseline (THEORY section 7).
+"""Jacobian-asymmetry penalty, the quasi-conservative baseline (docs/theory.md §7).
 
 ``1/2 ||J - J^T||_F^2`` with ``J = d s_theta / d x`` is estimated by Hutchinson's trick,
 ``E_v 1/2 |J v - J^T v|^2`` for probes with ``E[v v^T] = I`` (Rademacher or Gaussian). For a
@@ -14,16 +14,18 @@ Baseline caveat: it also penalises harmless fields, e.g. ``c J grad log p_t`` (s
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..double_backward import math_attention
 from ..sde import SDE
+from .base import Objective
 from .dsm import draw_perturbation, residual
-from .weighting import check_nonnegative, resolve_weighting, weight
+from .hyperparameters import PROBES, validate
+from .weighting import Weighting, resolve_weighting, weight
 
 __all__ = ["AsymmetryPenalty", "asymmetry_probe", "draw_probes", "PROBES"]
-
-PROBES = ("rademacher", "gaussian")
 
 
 def asymmetry_probe(score: torch.Tensor, x: torch.Tensor, v: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
@@ -38,7 +40,8 @@ def asymmetry_probe(score: torch.Tensor, x: torch.Tensor, v: torch.Tensor, creat
     if not x.requires_grad:
         raise ValueError("x must require grad and the score must be computed from it")
     if score.shape != x.shape or v.shape != x.shape:
-        raise ValueError(f"score {tuple(score.shape)}, x {tuple(x.shape)} and probe {tuple(v.shape)} must have one shape")
+        raise ValueError(f"score {tuple(score.shape)}, x {tuple(x.shape)} and probe {tuple(v.shape)} "
+                         "must have one shape")
     s = score.float() if score.dtype in (torch.float16, torch.bfloat16) else score
     v = v.to(s.dtype)
     u = v.detach().clone().requires_grad_(True)
@@ -49,7 +52,8 @@ def asymmetry_probe(score: torch.Tensor, x: torch.Tensor, v: torch.Tensor, creat
     return 0.5 * (j_v - jt_u.to(j_v.dtype)).flatten(1).pow(2).sum(1)
 
 
-def draw_probes(shape, probe: str = "rademacher", generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+def draw_probes(shape: tuple[int, ...], probe: str = "rademacher", generator: torch.Generator | None = None,
+                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Hutchinson probes with ``E[v v^T] = I``: ``"rademacher"`` (+-1) or ``"gaussian"``."""
     if probe == "rademacher":
         return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
@@ -58,14 +62,23 @@ def draw_probes(shape, probe: str = "rademacher", generator=None, device=None, d
     raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
 
 
-class AsymmetryPenalty:
+class AsymmetryPenalty(Objective):
     """DSM plus a Hutchinson-estimated Jacobian-asymmetry penalty.
 
-    Per sample: ``lambda(t) |r|^2 + asymmetry_weight * lambda(t) sigma_t^2 * 1/2 |(J - J^T) v|^2``
-    (mean over ``probes`` probes), ``r = s_theta + eps / sigma_t``. The factor ``sigma_t^2`` makes the
-    penalty that of the Jacobian of ``sigma_t^2 s_theta = alpha_t x0_hat - x_t``, which is of order one
-    at every ``t`` (``J`` itself grows like ``1 / sigma_t^2``); with ``lambda = sigma_t^2`` it is
-    ``sigma_t^4 ||J - J^T||_F^2 / 2`` in expectation.
+    Per sample: ``lambda(t) |r|^2 + asymmetry_weight * w(t) * 1/2 |(J - J^T) v|^2`` (mean over ``probes``
+    probes), ``r = s_theta + eps / sigma_t``, with the penalty's time weight ``w(t)`` set by
+    ``penalty_weighting``:
+
+    * ``"lambda_sigma2"`` (default): ``w = lambda(t) sigma_t^2``, the DSM weight times ``sigma_t^2``. The
+      penalty is then that of the Jacobian of ``sigma_t^2 s_theta = alpha_t x0_hat - x_t`` (of order one
+      at every ``t``, where ``J`` itself grows like ``1 / sigma_t^2``) under the DSM weighting; with
+      ``lambda = sigma_t^2`` it is ``sigma_t^4 ||J - J^T||_F^2 / 2`` in expectation.
+    * ``"sigma2"``: ``w = sigma_t^2`` whatever ``lambda``, the regulariser of Chao et al.,
+      "Quasi-Conservative Score-based Generative Models" (2022, arXiv 2209.12753; ICML 2023 as "On
+      Investigating the Conservative Property of Score-Based Generative Models"):
+      ``sigma_t^2 (tr(J J^T) - tr(J J)) = sigma_t^2 ||J - J^T||_F^2 / 2``. With ``weighting="sigma2"``
+      this is the loss of their 2-D examples with balancing factor ``asymmetry_weight``; their image
+      code halves the DSM term, i.e. ``asymmetry_weight = 2 x`` their factor.
 
     Args:
         sde: the forward process.
@@ -73,6 +86,7 @@ class AsymmetryPenalty:
         asymmetry_weight: weight of the penalty (>= 0; 0 is plain DSM).
         probes: Hutchinson probes per sample (each costs two extra vector-Jacobian products).
         probe: ``"rademacher"`` (default, lower variance) or ``"gaussian"``.
+        penalty_weighting: ``"lambda_sigma2"`` (default) or ``"sigma2"`` (Chao et al.), see above.
     Call: ``objective(model, x0, t=None, noise=None, generator=None, probe_vectors=None) -> [B]``;
     ``probe_vectors: [probes, B, *D]`` overrides the draw (drawn from ``generator`` after ``t`` and
     the noise otherwise). Works under autocast (``x_t`` stays fp32, the score is upcast before
@@ -80,19 +94,19 @@ class AsymmetryPenalty:
     """
 
     name = "asymmetry"
-    critic = None
-    n_critic = 0
 
-    def __init__(self, sde: SDE, weighting="sigma2", asymmetry_weight: float = 1.0, probes: int = 1,
-                 probe: str = "rademacher"):
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
-        if probe not in PROBES:
-            raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+    def __init__(self, sde: SDE, weighting: str | Weighting = "sigma2", asymmetry_weight: float = 1.0,
+                 probes: int = 1, probe: str = "rademacher", penalty_weighting: str = "lambda_sigma2"):
+        self.hparams = validate(type(self).__name__, {
+            "weighting": weighting, "asymmetry_weight": asymmetry_weight, "probes": probes, "probe": probe,
+            "penalty_weighting": penalty_weighting})
         self.sde, self.weighting = sde, resolve_weighting(weighting)
-        self.asymmetry_weight, self.probes, self.probe = check_nonnegative("asymmetry_weight", asymmetry_weight), probes, probe
+        self.asymmetry_weight, self.probes = self.hparams["asymmetry_weight"], probes
+        self.probe, self.penalty_weighting = probe, penalty_weighting
 
-    def __call__(self, model, x0: torch.Tensor, t=None, noise=None, generator=None, probe_vectors=None) -> torch.Tensor:
+    def __call__(self, model: Callable, x0: torch.Tensor, t: float | torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 probe_vectors: torch.Tensor | None = None) -> torch.Tensor:
         t, xt, eps = draw_perturbation(self.sde, x0, t, noise, generator)
         x = xt.detach().requires_grad_(True)
         with math_attention():                      # fused SDPA kernels have no double backward
@@ -108,7 +122,5 @@ class AsymmetryPenalty:
             raise ValueError(f"probe_vectors must have shape {(self.probes, *x.shape)} [probes, B, *D], "
                              f"got {tuple(probe_vectors.shape)}")
         penalty = sum(asymmetry_probe(score, x, v) for v in probe_vectors) / self.probes
-        return loss + self.asymmetry_weight * lam * sigma**2 * penalty
-
-    def __repr__(self):
-        return f"AsymmetryPenalty(asymmetry_weight={self.asymmetry_weight}, probes={self.probes}, probe={self.probe!r})"
+        penalty_weight = sigma**2 if self.penalty_weighting == "sigma2" else lam * sigma**2
+        return loss + self.asymmetry_weight * penalty_weight * penalty

@@ -1,34 +1,36 @@
-"""Denoising score matching, the L2 objective (THEORY section 7).
+"""Denoising score matching, the L2 objective (docs/theory.md §7).
 
 ``loss(x0) = lambda(t) |s_theta(x_t, t) + eps / sigma_t|^2`` per sample, with ``t ~ U(t_min, 1)``,
 ``x_t = alpha_t x0 + sigma_t eps``. Its expectation at fixed ``t`` is ``lambda(t) (||e_t||^2 + const(t))``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..sde import SDE, broadcast_to
-from .weighting import resolve_weighting, weight
+from ..sde import SDE, broadcast_to, time_tensor
+from .base import Objective
+from .hyperparameters import validate
+from .weighting import Weighting, resolve_weighting, weight
 
 __all__ = ["DSMLoss", "draw_perturbation", "residual"]
 
 
-def draw_perturbation(sde: SDE, x0: torch.Tensor, t=None, noise=None, generator=None):
+def draw_perturbation(sde: SDE, x0: torch.Tensor, t: float | torch.Tensor | None = None,
+                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(t [B], x_t, eps)``: draws ``t ~ U(t_min, 1)`` unless given (float or ``[B]``), then ``x_t``.
 
-    ``x_t`` is computed in fp32 or wider (it is differentiated by energies and critics)."""
+    ``x_t`` is computed in fp32 or wider (it is differentiated by energies and critics); ``t`` takes its dtype."""
     if not x0.is_floating_point():
         raise TypeError(f"x0 must be a floating tensor, got {x0.dtype}")
     if x0.dtype in (torch.float16, torch.bfloat16):
         x0 = x0.float()
-    B = x0.shape[0]
     if t is None:
-        t = sde.sample_t(B, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = sde.sample_time(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
     else:
-        t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
-        t = t.expand(B) if t.dim() == 0 else t
-        if t.shape != (B,):
-            raise ValueError(f"t must be a float or a [B] tensor with B={B}, got shape {tuple(t.shape)}")
+        t = time_tensor(t, x0, batch=x0.shape[0]).to(x0.dtype)
     xt, eps = sde.perturb(x0, t, noise=noise, generator=generator)
     return t, xt, eps
 
@@ -41,7 +43,7 @@ def residual(sde: SDE, score: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) 
     return broadcast_to(sde.sigma(t), eps) * score.to(eps.dtype) + eps
 
 
-class DSMLoss:
+class DSMLoss(Objective):
     """L2 / denoising score-matching objective.
 
     Args:
@@ -54,14 +56,14 @@ class DSMLoss:
     """
 
     name = "l2"
-    critic = None      # objectives with a critic (dual_sobolev) set these; a driver reads them
-    n_critic = 0
 
-    def __init__(self, sde: SDE, weighting="sigma2"):
+    def __init__(self, sde: SDE, weighting: str | Weighting = "sigma2"):
+        self.hparams = validate(type(self).__name__, {"weighting": weighting})
         self.sde = sde
         self.weighting = resolve_weighting(weighting)
 
-    def __call__(self, model, x0: torch.Tensor, t=None, noise=None, generator=None) -> torch.Tensor:
+    def __call__(self, model: Callable, x0: torch.Tensor, t: float | torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         t, xt, eps = draw_perturbation(self.sde, x0, t, noise, generator)
         sr = residual(self.sde, model(xt, t), eps, t)                     # sigma_t r
         lam = weight(self.weighting, self.sde, t) / self.sde.sigma(t) ** 2

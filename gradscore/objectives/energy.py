@@ -1,8 +1,10 @@
 """The energy objective: denoising score matching on a conservative model ``s = -grad_x E``
-(THEORY section 7). The score error of such a model is itself a gradient, so its DSM loss is the
+(docs/theory.md §7). The score error of such a model is itself a gradient, so its DSM loss is the
 observable loss ``||Pi_G e_t||^2 + const(t)``.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -13,7 +15,7 @@ from .dsm import DSMLoss
 __all__ = ["EnergyDSMLoss", "unwrap_model"]
 
 
-def unwrap_model(model):
+def unwrap_model(model: Callable) -> Callable:
     """The user's module inside DDP / accelerate / ``torch.compile`` wrappers (``.module``, ``._orig_mod``)."""
     seen = 0
     while seen < 8:
@@ -40,7 +42,8 @@ class EnergyDSMLoss(DSMLoss):
 
     name = "energy"
 
-    def __call__(self, model, x0: torch.Tensor, t=None, noise=None, generator=None) -> torch.Tensor:
+    def __call__(self, model: Callable, x0: torch.Tensor, t: float | torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         inner = unwrap_model(model)
         if not isinstance(inner, EnergyScore):
             raise TypeError(
