@@ -18,7 +18,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m train.ablate configs/ablations/toy.yaml
+	$(PY) -m gradscore_train.ablate configs/ablations/toy.yaml
 
 bench: install
 	$(PY) benchmarks/run.py

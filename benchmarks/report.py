@@ -122,7 +122,7 @@ def _limits(results) -> str:
 
 
 CRITIC_CAPACITY = (
-    "Does the toy need a big critic? `python -m train.ablate configs/ablations/toy_critic.yaml` (the `make demo` budget: "
+    "Does the toy need a big critic? `python -m gradscore_train.ablate configs/ablations/toy_critic.yaml` (the `make demo` budget: "
     "ring8, 1000 steps, 3 seeds; critic width 128 / 56 / 24 at depth 3 = 100% / 22% / 5.5% of the score MLP; measured "
     "2026-11-22, 2 min 32 s): `l2+dual_sobolev` gives energy distance 0.0114 at every width (+- 0.0006 to 0.0009; "
     "L2 in `make demo`: 0.0114) at 4.68 / 3.57 / 3.23 ms per driver step (L2 in `make demo`: 1.67 ms), so "
@@ -224,9 +224,9 @@ def markdown(results, command: str) -> str:
     drivers = results.get("driver")
     out += ["## Training driver overhead", ""]
     if not drivers:
-        out += ["Not measured: `train.loop` does not exist.", ""]
+        out += ["Not measured: `gradscore_train.loop` does not exist.", ""]
     else:
-        out += ["`train.loop.Trainer.train()` (end-of-run evaluation and checkpoint writing replaced by no-ops; the "
+        out += ["`gradscore_train.loop.Trainer.train()` (end-of-run evaluation and checkpoint writing replaced by no-ops; the "
                 "Trainer is built before the clock starts) against two bare PyTorch loops with the same model, "
                 "objective, batch and optimizer (`benchmarks/driver_overhead.py`): **recipe** does the same training "
                 "recipe written plainly (a fresh batch from the data source, `zero_grad`, `loss.backward()`, "

@@ -149,7 +149,7 @@ def main(argv=None):
         results["profile"] = profile_split()
         from benchmarks import driver_overhead, quality_cost
 
-        log("[driver] train.loop vs bare loop")
+        log("[driver] gradscore_train.loop vs bare loop")
         os.chdir(ROOT)
         results["driver"] = [d for d in (driver_overhead.run("configs/toy/l2.yaml", steps=300, repeats=5),
                                          driver_overhead.run("configs/digits/l2.yaml", steps=30)) if d is not None] or None

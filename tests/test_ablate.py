@@ -1,4 +1,4 @@
-"""The ablation runner (train/ablate.py): validation, skip / resume, launchers, and the report on a
+"""The ablation runner (gradscore_train.ablate and gradscore_train.ablation): validation, skip / resume, launchers, and the report on a
 tiny grid (2 objectives x 2 seeds, a few steps, tiny diagnostics).
 
 Resume oracle: the training loop reseeds every step from (seed, step), so a run interrupted after its
@@ -15,10 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from train.ablate import assess_all, main, train_all
-from train.ablation_config import load_ablation
-from train.config import ConfigError
-from train.report_md import write_report
+from gradscore_train.ablate import assess_all, main, train_all
+from gradscore_train.ablation.config import load_ablation
+from gradscore_train.config import ConfigError
+from gradscore_train.ablation.report import write_report
 
 TINY = {
     "name": "tiny",
@@ -132,7 +132,7 @@ def test_tiny_grid_skip_resume_and_report(tmp_path, capsys):
     for png in ("samples.png", "decomposition.png", "kl_vs_quality.png", "correlation.png"):
         assert os.path.getsize(os.path.join(ab.output_dir, png)) > 1000, png
     ed = [r["assessment"]["quality"]["energy_distance"] for r in results["runs"] if r["objective"] == "l2"]
-    from train.report_md import fmt_mean_std
+    from gradscore_train.ablation.report import fmt_mean_std
     assert f"| l2 | 2/2 | {fmt_mean_std(ed)} |" in text
     assert "Spearman" in table
 
@@ -153,11 +153,11 @@ def test_subprocess_launcher_trains_and_skips(tmp_path):
 
 def test_accelerate_launcher_command(tmp_path):
     # the launch itself (2 gloo processes on CPU) was checked by hand; here: the command line it runs
-    from train.ablate import _launch_command
+    from gradscore_train.ablate import _launch_command
     ab = load_ablation(_write(tmp_path, launcher={"kind": "accelerate", "num_processes": 3, "extra_args": ["--main_process_port", "0"]}))
     cmd = _launch_command(ab, ab.run("l2/seed-0"))
     assert cmd[1:5] == ["launch", "--multi_gpu", "--num_processes", "3"]
-    assert cmd[-7:] == ["--main_process_port", "0", "-m", "train.ablate", os.path.abspath(ab.path), "--run-one", "l2/seed-0"]
+    assert cmd[-7:] == ["--main_process_port", "0", "-m", "gradscore_train.ablate", os.path.abspath(ab.path), "--run-one", "l2/seed-0"]
 
 
 def test_critic_capacity_ablation_varies_only_the_critic():

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from train.build import check_objective_config
-from train.config import ConfigError, load_config
+from gradscore_train.build import check_objective_config
+from gradscore_train.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

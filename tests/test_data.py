@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from train.config import DataConfig
-from train.data import BatchPlan, DataError, TensorSource, ToySource, build_source, images_from_dataset, toy_mixture
+from gradscore_train.config import DataConfig
+from gradscore_train.data import BatchPlan, DataError, TensorSource, ToySource, build_source, images_from_dataset, toy_mixture
 
 
 def test_random_mixture_in_5d_has_the_exact_density():

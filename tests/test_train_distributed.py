@@ -25,7 +25,7 @@ CASES = [("toy", o) for o in ("l2", "energy", "dual_sobolev", "l2+dual_sobolev",
 
 
 def case_config(kind: str, objective: str, grad_accum: int):
-    from train.config import load_config
+    from gradscore_train.config import load_config
 
     common = ["train.batch_size=8", f"train.grad_accum={grad_accum}", "train.max_steps=3", "train.checkpoint_every=0",
               "train.warmup_steps=0", "train.lr=1e-3", "eval.quality=false", "eval.num_samples=8", "eval.sample_steps=2",
@@ -39,7 +39,7 @@ def case_config(kind: str, objective: str, grad_accum: int):
 
 def train_case(kind, objective, grad_accum, out_root):
     """Train one case; returns (process index, flat parameters of score model and critic)."""
-    from train.loop import Trainer
+    from gradscore_train.loop import Trainer
 
     tr = Trainer(case_config(kind, objective, grad_accum), os.path.join(out_root, f"{kind}-{objective}"), None, False)
     tr.train()
@@ -74,11 +74,11 @@ if __name__ == "__main__":   # run under accelerate launch by the test above
     out_root = sys.argv[1]
     os.makedirs(out_root, exist_ok=True)
     for kind, objective in CASES:
-        from train.build import build_score_model, build_sde, check_objective_config, build_critic
+        from gradscore_train.build import build_score_model, build_sde, check_objective_config, build_critic
         rank, flat = train_case(kind, objective, 1, out_root)
         torch.save(flat, os.path.join(out_root, f"{kind}-{objective}-rank{rank}.pt"))
         if rank == 0:   # the initial weights, to check training moved them
-            from train.data import build_source
+            from gradscore_train.data import build_source
             cfg = case_config(kind, objective, 1)
             spec, sde, src = check_objective_config(cfg), build_sde(cfg), build_source(cfg.data)
             torch.manual_seed(cfg.train.seed)

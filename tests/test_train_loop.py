@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.checkpoint import checkpoint_dirs, latest_checkpoint, read_step
-from train.config import load_config
-from train.loop import NonFiniteLoss, run
+from gradscore_train.checkpoint import checkpoint_dirs, latest_checkpoint, read_step
+from gradscore_train.config import load_config
+from gradscore_train.loop import NonFiniteLoss, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["train.checkpoint_every=0", "train.warmup_steps=2", "eval.num_samples=16", "eval.sample_steps=2",
@@ -78,7 +78,7 @@ class _NaNAfter:
 
 
 def test_nan_guard_stops_with_step_and_term_and_keeps_checkpoint(tmp_path, monkeypatch):
-    import train.loop as loop
+    import gradscore_train.loop as loop
 
     real = loop.build_objective
     monkeypatch.setattr(loop, "build_objective", lambda cfg, sde, critic=None: _NaNAfter(real(cfg, sde, critic), 4))
@@ -143,13 +143,13 @@ def test_cifar10_config_on_generated_imagefolder(tmp_path):
 
 def test_cli_runs_and_reports_config_errors(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run([sys.executable, "train/train.py", "--config", "configs/toy/nope.yaml"], cwd=ROOT, env=env,
+    bad = subprocess.run([sys.executable, "-m", "gradscore_train.train", "--config", "configs/toy/nope.yaml"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "configs/toy/nope.yaml" in bad.stderr and "does not exist" in bad.stderr
-    bad = subprocess.run([sys.executable, "train/train.py", "--config", "configs/toy/l2.yaml", "train.lrr=1"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "gradscore_train.train", "--config", "configs/toy/l2.yaml", "train.lrr=1"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train.lrr" in bad.stderr
-    ok = subprocess.run([sys.executable, "train/train.py", "--config", "configs/toy/l2.yaml", "--output-dir", str(tmp_path),
+    ok = subprocess.run([sys.executable, "-m", "gradscore_train.train", "--config", "configs/toy/l2.yaml", "--output-dir", str(tmp_path),
                          "--max-steps", "2", "--no-progress", *FAST, *TOY], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
@@ -158,11 +158,11 @@ def test_cli_runs_and_reports_config_errors(tmp_path):
 
 
 def test_periodic_diagnostics_report_every_error_with_its_stderr():
-    """train.report.diagnose logs gradient, solenoidal and L2 errors. Oracle (THEORY 3, 8): for the exact
+    """gradscore_train.evaluation.diagnose logs gradient, solenoidal and L2 errors. Oracle (THEORY 3, 8): for the exact
     score plus a zero-effect rotation c J grad log p_t the gradient part is ~0 (within 4 stderr) while the
     solenoidal part carries the L2 error (within 10%; the estimator runs at reduced size here)."""
     import gradscore as gs
-    from train.report import diagnose
+    from gradscore_train.evaluation import diagnose
     sde, mix = gs.VPSDE(), gs.toy.GaussianMixture.preset("pair")
     rotated = gs.toy.add_zero_effect(mix.score_fn(sde), 2.0)
     out = diagnose(rotated, sde, mix.sample(1024, generator=torch.Generator().manual_seed(0)), [0.3],

@@ -2,7 +2,7 @@
 
 * EMA: one ``torch._foreach_lerp_`` over cached lists against the per-parameter ``lerp_`` loop it
   replaced: bitwise (the same elementwise formula; tolerance 0).
-* AdamW: the fused kernel (``train.loop.make_optimizer``) against torch's default implementation,
+* AdamW: the fused kernel (``gradscore_train.loop.make_optimizer``) against torch's default implementation,
   same parameters and gradients, 20 steps: within 1e-6 relative (both evaluate Adam's update in
   float32 in a different operation order, so they may differ by a few ulps per step).
 * ``micro_seed``: deterministic, distinct over a run's (step, phase, micro-batch) grid, 63 bits.
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from gradscore.nets import TimeMLP
-from train.config import load_config
-from train.data import micro_seed
-from train.ema import EMA
-from train.loop import NonFiniteLoss, make_optimizer, run
+from gradscore_train.config import load_config
+from gradscore_train.data import micro_seed
+from gradscore_train.ema import EMA
+from gradscore_train.loop import NonFiniteLoss, make_optimizer, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +97,7 @@ class _InfGradientAfter:
 
 
 def test_guard_stops_on_an_infinite_gradient_with_a_finite_loss(tmp_path, monkeypatch):
-    import train.loop as loop
+    import gradscore_train.loop as loop
 
     real = loop.build_objective
     monkeypatch.setattr(loop, "build_objective", lambda cfg, sde, critic=None: _InfGradientAfter(real(cfg, sde, critic), 3))

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from .config import Config, ConfigError, _build, _numbers_in, load_config
+from ..config import Config, ConfigError, _build, _numbers_in, load_config
 
 __all__ = ["Ablation", "LauncherConfig", "EvaluateConfig", "StudyConfig", "RunSpec", "load_ablation"]
 
@@ -148,7 +148,7 @@ class Ablation:
                     ov = common + obj + _override_strings(point, f"{where} grid") + [f"train.seed={int(seed)}"]
                     try:
                         cfg = load_config(base, ov)
-                        from .build import check_objective_config
+                        from ..build import check_objective_config
                         check_objective_config(cfg)
                     except ConfigError as e:
                         raise ConfigError(f"{where}: run {objective} {point or ''} seed {seed}: {e}") from None
@@ -168,7 +168,7 @@ class Ablation:
 
 
 def _defaults(objective: str) -> dict:
-    from .build import objective_spec
+    from ..build import objective_spec
     return dict(objective_spec(objective).defaults)
 
 

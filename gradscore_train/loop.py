@@ -34,7 +34,7 @@ from .config import Config, config_to_dict
 from .data import BatchPlan, build_source, micro_seed
 from .ema import EMA
 from .logbook import Logbook
-from . import report
+from . import evaluation
 
 __all__ = ["run", "Trainer", "NonFiniteLoss", "resolve_mixed_precision", "make_optimizer"]
 
@@ -218,18 +218,18 @@ class Trainer:
         model = self._eval_model()
         if samples:
             n = cfg.eval.num_samples if final else min(cfg.eval.num_samples, 1000)
-            x = report.draw_samples(model, self.sde, self.source.shape, n, cfg.eval.method, cfg.eval.sample_steps,
+            x = evaluation.draw_samples(model, self.sde, self.source.shape, n, cfg.eval.method, cfg.eval.sample_steps,
                                     micro_seed(cfg.train.seed, step, 99), self.acc.device)
             os.makedirs(os.path.join(self.output_dir, "samples"), exist_ok=True)
             path = os.path.join(self.output_dir, "samples", f"step-{step:07d}.png")
             if len(self.source.shape) == 1:
                 data = self.source.sample_x0(n, generator=torch.Generator().manual_seed(1))
-                report.save_scatter(x, data, path, title=f"{cfg.objective.name}, step {step}")
+                evaluation.save_scatter(x, data, path, title=f"{cfg.objective.name}, step {step}")
             else:
-                report.save_grid(x, path)
+                evaluation.save_grid(x, path)
             self.logbook.image(step, "samples", path)
             if final and cfg.eval.quality:
-                out.update(report.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98), self.acc.device))
+                out.update(evaluation.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98), self.acc.device))
             if final:
                 torch.save(x, os.path.join(self.output_dir, "samples", f"step-{step:07d}.pt"))
         if diagnostics:
@@ -237,7 +237,7 @@ class Trainer:
             x0 = self.source.sample_x0(cfg.eval.diag_samples, generator=g).to(self.acc.device)
             true = self.source.mixture.score_fn(self.sde) if hasattr(self.source, "mixture") else None
             g_dev = torch.Generator(device=self.acc.device).manual_seed(micro_seed(cfg.train.seed, step, 96))
-            out.update(report.diagnose(model, self.sde, x0, cfg.eval.diag_times, true_score=true, generator=g_dev))
+            out.update(evaluation.diagnose(model, self.sde, x0, cfg.eval.diag_times, true_score=true, generator=g_dev))
         if out:
             self.logbook.log(step, out)
         return out

@@ -1,6 +1,6 @@
 """Controlled comparison of objectives and the correlation study: one command, one report.
 
-    python -m train.ablate configs/ablations/toy.yaml [--skip-study] [--runs-only] [--report-only]
+    python -m gradscore_train.ablate configs/ablations/toy.yaml [--skip-study] [--runs-only] [--report-only]
 
 1. trains the grid ``objectives x seeds x grid`` of ``train/ablation_config.py`` under one budget.
    Resumable: a run with ``final_metrics.json`` is skipped, an interrupted run resumes from its latest
@@ -26,13 +26,13 @@ import time
 
 import torch
 
-from .ablation_config import Ablation, RunSpec, load_ablation
+from .ablation.config import Ablation, RunSpec, load_ablation
 from .checkpoint import checkpoint_dirs, latest_checkpoint, read_step
 from .config import ConfigError
 
 __all__ = ["train_one", "train_all", "assess_all", "main"]
 
-log = logging.getLogger("train.ablate")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- training
@@ -79,7 +79,7 @@ def train_one(spec: RunSpec, progress: bool = False) -> str:
 
 def _launch_command(ab: Ablation, spec: RunSpec) -> list[str]:
     lc = ab.schema.launcher
-    module = ["-m", "train.ablate", os.path.abspath(ab.path), "--run-one", spec.run_id]
+    module = ["-m", "gradscore_train.ablate", os.path.abspath(ab.path), "--run-one", spec.run_id]
     if lc.kind == "accelerate":
         exe = os.path.join(os.path.dirname(sys.executable), "accelerate")
         exe = exe if os.path.isfile(exe) else "accelerate"
@@ -178,10 +178,10 @@ def _run_info(spec: RunSpec) -> dict:
 def assess_all(ab: Ablation, progress: bool = True) -> dict:
     """Assess every finished run (final checkpoint, and the kept intermediate ones when the study wants
     them) and the perturbed exact scores. Returns ``{"runs": [...], "population": [...]}``."""
-    from .assess import assess
+    from .ablation.assessment import assess
     from .build import load_trained
     from .data import toy_mixture
-    from .population import perturbed_scores
+    from .ablation.population import perturbed_scores
 
     ev, st = ab.schema.evaluate, ab.schema.study
     key = _eval_key(ev)
@@ -232,7 +232,7 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.ablate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gradscore_train.ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="ablation YAML, e.g. configs/ablations/toy.yaml")
     p.add_argument("--run-one", default=None, metavar="RUN_ID", help=argparse.SUPPRESS)
     p.add_argument("--runs-only", action="store_true", help="train the grid, no assessment or report")
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     if args.runs_only:
         return 0
     results = assess_all(ab)
-    from .report_md import write_report
+    from .ablation.report import write_report
     path, table = write_report(ab, results, wall_s=time.perf_counter() - t0)
     print(table)
     print(f"[ablate] report: {path}  ({time.perf_counter() - t0:.1f}s)")

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .assess import PREDICTORS
+from .assessment import PREDICTORS
 from .study import correlation_table
 
 __all__ = ["write_report", "summary_rows", "fmt_mean_std"]
@@ -269,7 +269,7 @@ def write_report(ab, results: dict, wall_s: float | None = None):
 
     mixture = None
     if toy:
-        from .data import toy_mixture
+        from ..data import toy_mixture
         mixture = toy_mixture(cfg.data)
         figs = [("samples.png", "Samples per objective (first seed) over target samples",
                  lambda p: plot_samples(runs, mixture, p)),
