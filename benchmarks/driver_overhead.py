@@ -31,7 +31,7 @@ _OVERRIDES = ["train.checkpoint_every=0", "eval.sample_every=0", "eval.diagnose_
 
 
 def _bare_loop_seconds(cfg, steps: int, recipe: bool) -> float:
-    from gradscore_train.build import build_critic, build_objective, build_score_model, build_sde, check_objective_config
+    from gradscore_train.build import build_critic, build_score_model, build_sde, check_objective_config, objective_from_config
     from gradscore_train.data import build_source
     from gradscore_train.loop import make_optimizer
 
@@ -41,7 +41,7 @@ def _bare_loop_seconds(cfg, steps: int, recipe: bool) -> float:
     torch.manual_seed(cfg.train.seed)
     model = build_score_model(cfg, sde, source.shape, spec)
     critic = build_critic(cfg, sde, source.shape) if getattr(spec, "needs_critic", False) else None
-    objective = build_objective(cfg, sde, critic)
+    objective = objective_from_config(cfg, sde, critic)
     params = [*model.parameters(), *(objective.critic.parameters() if objective.critic is not None else [])]
     groups = [{"params": params, "lr": cfg.train.lr}]
     opt = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay) if recipe else torch.optim.AdamW(groups, lr=cfg.train.lr,

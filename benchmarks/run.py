@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from benchmarks import measure  # noqa: E402
 from benchmarks.setups import Step, n_params, toy_case, toy_critic_sweep_case, unet_case, wide_critic_step  # noqa: E402
-from benchmarks import report  # noqa: E402
+from benchmarks import benchmarks_md  # noqa: E402
 
 import gradscore  # noqa: E402
 
@@ -156,11 +156,11 @@ def main(argv=None):
         log("[quality] gradient_error vs energy distance")
         results["quality"] = quality_cost.run()
     results["seconds"] = time.perf_counter() - started
-    print(report.tables(results))
+    print(benchmarks_md.tables(results))
     if not args.quick:
         cmd = "python benchmarks/run.py" + (f" --threads {args.threads}" if args.threads != 1 else "")
         with open(args.out, "w") as f:
-            f.write(report.markdown(results, cmd))
+            f.write(benchmarks_md.markdown(results, cmd))
         log(f"wrote {args.out}")
     rows = results["cases"][args.case]["rows"]
     print(json.dumps({n: round(r["time_ratio"], 3) for n, r in rows.items() if "[" not in n}))

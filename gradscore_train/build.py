@@ -20,7 +20,7 @@ from .config import Config, ConfigError
 from .data import build_source
 
 __all__ = ["objective_spec", "build_sde", "build_backbone", "build_score_model", "build_critic",
-           "build_objective", "check_objective_config", "load_trained", "ScalarUNet"]
+           "objective_from_config", "check_objective_config", "load_trained", "ScalarUNet"]
 
 
 def objective_spec(name: str):
@@ -118,8 +118,9 @@ def build_critic(cfg: Config, sde: SDE, shape) -> nn.Module:
     return Critic(backbone, sde)
 
 
-def build_objective(cfg: Config, sde: SDE, critic=None):
-    """The objective instance ``objective(model, x0) -> [B]``."""
+def objective_from_config(cfg: Config, sde: SDE, critic=None):
+    """The objective instance ``objective(model, x0) -> [B]`` named by ``cfg.objective`` (through the
+    library's ``gradscore.build_objective``)."""
     return gradscore.build_objective(cfg.objective.name, sde, critic=critic, **cfg.objective.hparams)
 
 

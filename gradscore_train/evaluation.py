@@ -1,4 +1,4 @@
-"""What a run reports besides its loss: samples (plots), score diagnostics and sample quality.
+"""What a run evaluates besides its loss: samples (plots), score diagnostics and sample quality.
 
 All functions take a plain (unwrapped, eval-mode) score model ``(x [B, *D], t [B]) -> score``.
 """
@@ -11,7 +11,7 @@ import torch
 
 from gradscore.sampling import sample
 
-__all__ = ["draw_samples", "save_scatter", "save_grid", "diagnose", "quality"]
+__all__ = ["draw_samples", "save_scatter", "save_grid", "score_diagnostics", "quality"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
     plt.imsave(path, img.numpy(), cmap="gray" if C == 1 else None, vmin=0, vmax=1)
 
 
-def diagnose(score_model, sde, x0: torch.Tensor, times, true_score=None, generator=None) -> dict:
+def score_diagnostics(score_model, sde, x0: torch.Tensor, times, true_score=None, generator=None) -> dict:
     """Gradient, solenoidal and (toys, with the exact score) L2 errors at each ``t`` in ``times`` with
     ``gradscore.diagnostics``, as metrics ``diag/<name>/t=<t>`` and ``diag/<name>_stderr/t=<t>``. A
     diagnostic that fails is logged and skipped: it must not kill a training run."""

@@ -28,7 +28,7 @@ import time
 import torch
 import yaml
 
-from .build import build_critic, build_objective, build_score_model, build_sde, check_objective_config
+from .build import build_critic, build_score_model, build_sde, check_objective_config, objective_from_config
 from .checkpoint import latest_checkpoint, read_step, resolve_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
 from .data import BatchPlan, build_source, micro_seed
@@ -100,7 +100,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)                       # identical initial weights on every rank
         model = build_score_model(cfg, self.sde, self.source.shape, self.spec)
         critic = build_critic(cfg, self.sde, self.source.shape) if self.spec.needs_critic else None
-        self.objective = build_objective(cfg, self.sde, critic)
+        self.objective = objective_from_config(cfg, self.sde, critic)
         critic = self.objective.critic
         groups = [{"params": list(model.parameters()), "lr": cfg.train.lr}]
         if critic is not None:
@@ -237,7 +237,7 @@ class Trainer:
             x0 = self.source.sample_x0(cfg.eval.diag_samples, generator=g).to(self.acc.device)
             true = self.source.mixture.score_fn(self.sde) if hasattr(self.source, "mixture") else None
             g_dev = torch.Generator(device=self.acc.device).manual_seed(micro_seed(cfg.train.seed, step, 96))
-            out.update(evaluation.diagnose(model, self.sde, x0, cfg.eval.diag_times, true_score=true, generator=g_dev))
+            out.update(evaluation.score_diagnostics(model, self.sde, x0, cfg.eval.diag_times, true_score=true, generator=g_dev))
         if out:
             self.logbook.log(step, out)
         return out

@@ -15,10 +15,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gradscore_train.ablate import assess_all, main, train_all
+from gradscore_train.ablate import main
+from gradscore_train.ablation.assessment import assess_all
 from gradscore_train.ablation.config import load_ablation
-from gradscore_train.config import ConfigError
 from gradscore_train.ablation.report import write_report
+from gradscore_train.ablation.runs import launch_command, train_all
+from gradscore_train.config import ConfigError
 
 TINY = {
     "name": "tiny",
@@ -28,7 +30,7 @@ TINY = {
     "overrides": {"train.max_steps": 6, "train.checkpoint_every": 3, "train.batch_size": 64, "model.hidden": 16,
                   "model.depth": 2, "eval.num_samples": 20, "eval.sample_steps": 5, "eval.diag_times": []},
     "launcher": {"kind": "inprocess", "threads": 1},
-    "evaluate": {"num_samples": 100, "sample_steps": 20, "num_data": 32, "num_points": 256, "num_times": 3,
+    "assessment": {"num_samples": 100, "sample_steps": 20, "num_data": 32, "num_points": 256, "num_times": 3,
                  "num_features": 8, "siem_particles": 50, "siem_steps": 20},
     "study": {"rotations": [2.0], "gradient_errors": [0.5], "combinations": [[0.5, 2.0]], "bootstrap": 50},
 }
@@ -49,7 +51,7 @@ def _write(tmp_path, **changes):
 @pytest.mark.parametrize("change, named", [
     ({"objectivs": ["l2"]}, "objectivs"),
     ({"launcher": {"kind": "inprocess", "paralel": 2}}, "launcher.paralel"),
-    ({"evaluate": {"num_samplez": 3}}, "evaluate.num_samplez"),
+    ({"assessment": {"num_samplez": 3}}, "assessment.num_samplez"),
     ({"objectives": {"l3": {}}}, "l3"),
     ({"objectives": {"l2": {"weightin": "sigma2"}}}, "weightin"),
     ({"overrides": {"train.max_stepz": 3}}, "train.max_stepz"),
@@ -153,9 +155,8 @@ def test_subprocess_launcher_trains_and_skips(tmp_path):
 
 def test_accelerate_launcher_command(tmp_path):
     # the launch itself (2 gloo processes on CPU) was checked by hand; here: the command line it runs
-    from gradscore_train.ablate import _launch_command
     ab = load_ablation(_write(tmp_path, launcher={"kind": "accelerate", "num_processes": 3, "extra_args": ["--main_process_port", "0"]}))
-    cmd = _launch_command(ab, ab.run("l2/seed-0"))
+    cmd = launch_command(ab, ab.run("l2/seed-0"))
     assert cmd[1:5] == ["launch", "--multi_gpu", "--num_processes", "3"]
     assert cmd[-7:] == ["--main_process_port", "0", "-m", "gradscore_train.ablate", os.path.abspath(ab.path), "--run-one", "l2/seed-0"]
 

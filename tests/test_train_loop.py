@@ -80,8 +80,8 @@ class _NaNAfter:
 def test_nan_guard_stops_with_step_and_term_and_keeps_checkpoint(tmp_path, monkeypatch):
     import gradscore_train.loop as loop
 
-    real = loop.build_objective
-    monkeypatch.setattr(loop, "build_objective", lambda cfg, sde, critic=None: _NaNAfter(real(cfg, sde, critic), 4))
+    real = loop.objective_from_config
+    monkeypatch.setattr(loop, "objective_from_config", lambda cfg, sde, critic=None: _NaNAfter(real(cfg, sde, critic), 4))
     cfg = cfg_for("toy", "l2", "train.checkpoint_every=2", "train.keep_checkpoints=5")
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss term 'l2' at step 5 .*step-0000004"):
         run(cfg, str(tmp_path), max_steps=10, progress=False)
@@ -91,7 +91,7 @@ def test_nan_guard_stops_with_step_and_term_and_keeps_checkpoint(tmp_path, monke
     assert all(torch.isfinite(v).all() for v in w.values())
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
     # the intact checkpoint resumes (with the real objective)
-    monkeypatch.setattr(loop, "build_objective", real)
+    monkeypatch.setattr(loop, "objective_from_config", real)
     out = run(cfg, str(tmp_path), max_steps=6, resume="latest", progress=False)
     assert out["step"] == 6 and out["train/loss"] == out["train/loss"]
 
@@ -158,14 +158,14 @@ def test_cli_runs_and_reports_config_errors(tmp_path):
 
 
 def test_periodic_diagnostics_report_every_error_with_its_stderr():
-    """gradscore_train.evaluation.diagnose logs gradient, solenoidal and L2 errors. Oracle (THEORY 3, 8): for the exact
+    """gradscore_train.evaluation.score_diagnostics logs gradient, solenoidal and L2 errors. Oracle (THEORY 3, 8): for the exact
     score plus a zero-effect rotation c J grad log p_t the gradient part is ~0 (within 4 stderr) while the
     solenoidal part carries the L2 error (within 10%; the estimator runs at reduced size here)."""
     import gradscore as gs
-    from gradscore_train.evaluation import diagnose
+    from gradscore_train.evaluation import score_diagnostics
     sde, mix = gs.VPSDE(), gs.toy.GaussianMixture.preset("pair")
     rotated = gs.toy.add_zero_effect(mix.score_fn(sde), 2.0)
-    out = diagnose(rotated, sde, mix.sample(1024, generator=torch.Generator().manual_seed(0)), [0.3],
+    out = score_diagnostics(rotated, sde, mix.sample(1024, generator=torch.Generator().manual_seed(0)), [0.3],
                    true_score=mix.score_fn(sde), generator=torch.Generator().manual_seed(1))
     names = ("gradient_error", "solenoidal_error", "l2_error")
     assert set(out) == {f"diag/{n}{s}/t=0.3" for n in names for s in ("", "_stderr")}

@@ -1,4 +1,5 @@
-"""Ablation configs: a grid of training runs (objectives x seeds x hyperparameters) under one budget.
+"""Step 1 of an ablation, its config: a grid of training runs (objectives x seeds x hyperparameters)
+under one budget.
 
 ``load_ablation(path) -> Ablation`` reads and validates the YAML (unknown key, wrong type -> one
 ``ConfigError`` naming it, as for training configs) and checks that every run's training config
@@ -6,7 +7,9 @@ builds, before any compute. ``Ablation.runs()`` lists the ``RunSpec`` of the gri
 
 Matched budget: every run is ``base`` + ``overrides`` (+ one grid point) + its objective; only
 ``objective.*`` differs between objectives, so steps, batch, backbone, learning rate and the data
-order (drawn from ``train.seed`` alone, see ``train/data.py``) are the same.
+order (drawn from ``train.seed`` alone, see ``gradscore_train/data.py``) are the same. Besides the grid:
+``launcher`` (how runs are executed), ``assessment`` (how every model is assessed), ``study`` (the
+correlation study).
 """
 from __future__ import annotations
 
@@ -20,15 +23,15 @@ import yaml
 
 from ..config import Config, ConfigError, _build, _numbers_in, load_config
 
-__all__ = ["Ablation", "LauncherConfig", "EvaluateConfig", "StudyConfig", "RunSpec", "load_ablation"]
+__all__ = ["Ablation", "AblationSchema", "LauncherConfig", "AssessmentConfig", "StudyConfig", "RunSpec", "load_ablation"]
 
 
 @dataclass
 class LauncherConfig:
     """How each run is executed.
 
-    ``inprocess``: ``train.loop.run`` in this process, one run after another. ``subprocess``: each run
-    in a fresh ``python -m train.ablate CONFIG --run-one ID``, ``parallel`` at a time. ``accelerate``:
+    ``inprocess``: ``gradscore_train.loop.run`` in this process, one run after another. ``subprocess``: each
+    run in a fresh ``python -m gradscore_train.ablate CONFIG --run-one ID``, ``parallel`` at a time. ``accelerate``:
     each run through ``accelerate launch --multi_gpu --num_processes N`` (gloo on CPU)."""
     kind: Literal["inprocess", "subprocess", "accelerate"] = "inprocess"
     num_processes: int = 2          # accelerate
@@ -38,8 +41,9 @@ class LauncherConfig:
 
 
 @dataclass
-class EvaluateConfig:
-    """One assessment per model, identical for every model (same seeds: paired comparisons)."""
+class AssessmentConfig:
+    """How every model of the ablation is assessed (``assessment.assess``): identical for every model
+    (same seeds: paired comparisons). Not the run's own ``EvalConfig`` (``eval:``, during training)."""
     num_samples: int = 2000         # samples for quality
     sample_steps: int = 300
     method: Literal["sde", "ode"] = "sde"
@@ -75,7 +79,7 @@ class AblationSchema:
     overrides: dict = field(default_factory=dict)   # dotted key -> value, applied to every run
     grid: dict = field(default_factory=dict)        # dotted key -> list of values, crossed with the rest
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    assessment: AssessmentConfig = field(default_factory=AssessmentConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
 
 

@@ -1,7 +1,7 @@
-"""The ablation's report: ``report.md`` and its PNGs in the ablation's output folder.
+"""Step 5 of an ablation, the report: ``report.md`` and its PNGs in the ablation's output folder.
 
-``write_report(ablation, results, wall_s) -> (path, table)``; ``results`` is what
-``train.ablate.assess_all`` returns. Every number in the report comes from those results.
+``write_report(ablation, results) -> (path, console table)``; ``results`` is what
+``assessment.assess_all`` returns. Every number in the report comes from those results.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from .assessment import PREDICTORS
+from .config import Ablation
 from .study import correlation_table
 
 __all__ = ["write_report", "summary_rows", "fmt_mean_std"]
@@ -213,11 +214,11 @@ def plot_correlation(population, quality_key: str, table, path: str):
 
 
 # ----------------------------------------------------------------------------- report
-def write_report(ab, results: dict, wall_s: float | None = None):
+def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
     """Write ``<output_dir>/report.md`` (+ PNGs); returns ``(path, console table)``."""
     out = ab.output_dir
     os.makedirs(out, exist_ok=True)
-    st, ev = ab.schema.study, ab.schema.evaluate
+    st, ac = ab.schema.study, ab.schema.assessment
     qk = st.quality
     runs, population = results["runs"], results["population"]
     rows = summary_rows(runs, qk)
@@ -239,10 +240,10 @@ def write_report(ab, results: dict, wall_s: float | None = None):
 
     lines += ["## Sample quality and diagnostics per objective (mean ± std over seeds)", ""]
     if toy:
-        lines += [f"Quality: {QUALITY_LABEL['energy_distance']} ({ev.num_samples} samples, reverse SDE, {ev.sample_steps} steps; "
+        lines += [f"Quality: {QUALITY_LABEL['energy_distance']} ({ac.num_samples} samples, reverse SDE, {ac.sample_steps} steps; "
                   "`floor` = the same distance between two target samples of that size), and the sample NLL "
                   "(the target entropy is the value exact samples give). Diagnostics on a grid of "
-                  f"{ev.num_times} times, {ev.num_points} points of p_t per time, {ev.num_features} Fourier features "
+                  f"{ac.num_times} times, {ac.num_points} points of p_t per time, {ac.num_features} Fourier features "
                   "+ quadratics; errors are `∫ σ_t² ‖·‖² dt` (L2 exact from the mixture's score, gradient part "
                   "estimated without it, solenoidal = L2 - gradient); KL bounds in nats (reverse SDE, prior term included); "
                   "SIEM with the exact score subtracted. `s/step`: training wall time per optimizer step; `wall`: "

@@ -1,4 +1,4 @@
-"""Text of the benchmark report: the tables printed by ``run.py`` and ``BENCHMARKS.md``."""
+"""Text of BENCHMARKS.md and of the tables `run.py` prints."""
 from __future__ import annotations
 
 import datetime
