@@ -1,23 +1,36 @@
-"""Experiment configs: YAML files validated against a typed schema before any compute.
+"""Experiment configs: YAML files typed by OmegaConf structured configs and checked before any compute.
 
-``load_config(path, overrides=())`` reads a YAML file, applies ``key=value`` overrides with dotted
-keys (``train.lr=1e-3``; values parsed as YAML, then typed like the file), and returns a
-``Config``. Any problem (missing file, unknown key, wrong type, bad choice) raises one
-``ConfigError`` naming the key, the file and what was expected.
+``load_config(path, overrides=()) -> Config`` reads a YAML file, merges it over the schema below (the
+dataclasses and their defaults), applies ``key=value`` overrides with dotted keys (``train.lr=1e-3``;
+the value is parsed as YAML), then range-checks the values. Typing, merging and dotted keys are
+OmegaConf's (``OmegaConf.structured``, ``OmegaConf.update``); any problem (missing file, unknown key,
+wrong type, bad choice, value out of range) raises one ``ConfigError`` naming the file, the key and
+what was expected, e.g. ``configs/toy/l2.yaml (with overrides): train.lr must be a number, got 'fast'``.
+
+Merging: a mapping given for a section (``train: {lr: 1e-3}``) merges into it; any other value,
+including a plain mapping field such as ``objective.hparams``, replaces the default. Values are read
+with YAML 1.2's rules (only true/false are booleans, so ``mixed_precision: no`` is the string 'no';
+``1e-3`` is a number) and converted by OmegaConf (a quoted number in a numeric field becomes the
+number, a number in a string field its text).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 __all__ = ["ConfigError", "Config", "SDEConfig", "DataConfig", "ModelConfig", "CriticConfig", "ObjectiveConfig",
-           "TrainConfig", "EvalConfig", "load_config", "config_from_dict", "config_to_dict", "apply_overrides"]
+           "TrainConfig", "EvalConfig", "load_config", "config_from_dict", "config_to_dict", "structured",
+           "read_yaml", "parse_override"]
 
 
 class ConfigError(ValueError):
@@ -130,8 +143,55 @@ class Config:
     source: Optional[str] = None    # the file it was loaded from (informational)
 
 
-# ----------------------------------------------------------------------------- typed conversion
+# ----------------------------------------------------------------------------- reading YAML
+class _YAML12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 scalars: only true/false are booleans (YAML 1.1 also reads
+    yes/no/on/off as booleans, which turned ``mixed_precision: no`` into False) and ``1e-3`` is a
+    number (YAML 1.1 needs a dot: ``1.0e-3``)."""
+
+
+_YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def read_yaml(path: str, what: str = "config file", example: str = "configs/toy/l2.yaml") -> dict:
+    """The mapping in the YAML file ``path`` (``{}`` for an empty file), or a ``ConfigError`` naming the
+    file: missing, not valid YAML, or not a mapping at the top level."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} does not exist (expected a YAML file, e.g. {example})")
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_YAML12Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data or {}
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``: a dotted key and a value parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.load(raw, Loader=_YAML12Loader) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+    return key, value
+
+
+# ----------------------------------------------------------------------------- typing with OmegaConf
 def _type_name(tp) -> str:
+    """What a schema type expects, in words (for error messages)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -140,86 +200,80 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or tp is dict or origin is dict:
         return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
 
 
-def _convert(value, tp, key: str, where: str):
-    """``value`` typed as ``tp`` or a ``ConfigError`` naming ``key``."""
-    def fail():
-        raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
-
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+def _schema_type(schema, key: str):
+    """The annotated type of ``key`` (``"model.block_out_channels[1]"``) in the dataclass ``schema``;
+    ``None`` inside a free-form mapping (``objective.hparams.x``) or for an unknown key."""
+    tp = schema
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        if part.startswith("["):
+            if typing.get_origin(tp) is not list:
+                return None
+            tp = typing.get_args(tp)[0]
+        elif dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+            if tp is None:
+                return None
+        else:
             return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, key, where)
-            except ConfigError:
-                pass
-        fail()
-    if origin is Literal:
-        if isinstance(value, bool) and ("yes" if value else "no") in typing.get_args(tp):
-            value = "yes" if value else "no"          # YAML 1.1 reads a bare no/yes as a boolean
-        if value not in typing.get_args(tp):
-            fail()
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            fail()
-        (inner,) = typing.get_args(tp)
-        return [_convert(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            fail()
-        return _build(tp, value, key, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            fail()
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            fail()
-        return dict(value)
-    raise TypeError(f"unsupported schema type {tp}")
+    return tp
 
 
-def _build(cls, data: dict, prefix: str, where: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"{where}: unknown key {key!r}; expected one of {', '.join(names)}")
-        kwargs[k] = _convert(v, hints[k], key, where)
-    return cls(**kwargs)
+def _config_error(e: OmegaConfBaseException, schema, where: str) -> ConfigError:
+    """OmegaConf's error as today's message: the file, the key and what was expected."""
+    key = e.full_key or ""
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+        parent = _schema_type(schema, key.rpartition(".")[0]) if "." in key else schema
+        if dataclasses.is_dataclass(parent):
+            names = ", ".join(f.name for f in dataclasses.fields(parent))
+            return ConfigError(f"{where}: unknown key {key!r}; expected one of {names}")
+    tp = _schema_type(schema, key) if key else None
+    if isinstance(e, ValidationError) and tp is not None:
+        value = OmegaConf.to_container(e.value) if OmegaConf.is_config(e.value) else e.value
+        return ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
+    return ConfigError(f"{where}: {key or 'config'}: {str(e).splitlines()[0]}")
 
 
-def config_from_dict(data: dict, where: str = "<config>") -> Config:
-    """A validated ``Config`` from a nested mapping."""
+def _set(cfg, schema, key: str, value) -> None:
+    """Set the dotted ``key`` of the structured config ``cfg``: a mapping given for a section (a
+    dataclass field) merges into it key by key; any other value replaces what is there."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):          # every prefix must be a section or a free-form mapping
+        tp = _schema_type(schema, ".".join(parts[:i]))
+        if tp is not None and not (dataclasses.is_dataclass(tp) or tp is dict or typing.get_origin(tp) is dict):
+            raise ConfigError(f"{parts[i - 1]!r} is not a section (in the key {key!r})")
+    if isinstance(value, dict) and dataclasses.is_dataclass(_schema_type(schema, key)):
+        for k, v in value.items():
+            _set(cfg, schema, f"{key}.{k}", v)
+        return
+    OmegaConf.update(cfg, key, value, merge=False)
+
+
+def structured(schema, data: dict, where: str, overrides: Iterable[tuple[str, Any]] = ()):
+    """An instance of the dataclass ``schema`` from ``data`` (a nested mapping) then ``overrides``
+    (dotted key, value), typed and merged by OmegaConf; a ``ConfigError`` naming ``where`` and the key."""
+    cfg = OmegaConf.structured(schema)
+    try:
+        for key, value in [*data.items(), *overrides]:
+            _set(cfg, schema, str(key), value)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _config_error(e, schema, where) from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_from_dict(data: dict, where: str = "<config>", overrides: Iterable[tuple[str, Any]] = ()) -> Config:
+    """A validated ``Config`` from a nested mapping (and dotted-key overrides)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(data).__name__}")
-    cfg = _build(Config, data, "", where)
+    cfg = structured(Config, data, where, overrides)
     _check_values(cfg, where)
     return cfg
 
@@ -266,86 +320,10 @@ def _check_values(cfg: Config, where: str):
         raise ConfigError(f"{where}: model.kind='unet' needs image data; use model.kind='mlp' for data.kind='toy'")
 
 
-# ----------------------------------------------------------------------------- overrides
-def _parse_override(item: str):
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-3)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
-    return key, value
-
-
-def _yaml_number(value):
-    """YAML 1.1 reads ``1e-3`` as a string; accept it as the number it means."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(data: dict, overrides, where: str = "<overrides>") -> dict:
-    """Set dotted keys (``train.lr=1e-3``) in a nested mapping (validation happens on build)."""
-    data = {} if data is None else dict(data)
-    for item in overrides:
-        key, value = _parse_override(item)
-        parts = key.split(".")
-        node = data
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a section")
-            node[p] = child = dict(child)
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def _numbers_in(data, cls, prefix=""):
-    """Coerce YAML-1.1 strings like '1e-3' where the schema expects a number."""
-    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
-        return data
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for k, v in data.items():
-        tp = hints.get(k)
-        if tp is None:
-            out[k] = v
-            continue
-        if dataclasses.is_dataclass(tp):
-            out[k] = _numbers_in(v, tp)
-            continue
-        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-        if float in args:
-            v = _yaml_number(v)
-        elif typing.get_origin(tp) is list and typing.get_args(tp)[0] is float and isinstance(v, list):
-            v = [_yaml_number(x) for x in v]
-        out[k] = v
-    return out
-
-
-def load_config(path, overrides=()) -> Config:
+def load_config(path, overrides: Iterable[str] = ()) -> Config:
     """Read, override and validate a YAML config; raises ``ConfigError`` before any compute."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist (expected a YAML file, e.g. configs/toy/l2.yaml)")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data or {}, overrides)
+    data = read_yaml(path)
+    parsed = [parse_override(item) for item in overrides]
     data.setdefault("source", path)
-    cfg = config_from_dict(_numbers_in(data, Config), where=path if not overrides else f"{path} (with overrides)")
-    return cfg
+    return config_from_dict(data, path if not parsed else f"{path} (with overrides)", parsed)

@@ -19,9 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import yaml
-
-from ..config import Config, ConfigError, _build, _numbers_in, load_config
+from ..config import Config, ConfigError, load_config, read_yaml, structured
 
 __all__ = ["Ablation", "AblationSchema", "LauncherConfig", "AssessmentConfig", "StudyConfig", "RunSpec", "load_ablation"]
 
@@ -177,20 +175,13 @@ def _defaults(objective: str) -> dict:
 
 
 def load_ablation(path, overrides: dict | None = None) -> Ablation:
-    """Read and validate an ablation YAML; ``overrides`` (a nested mapping) is merged over it (tests)."""
+    """Read and validate an ablation YAML; ``overrides`` (a nested mapping, e.g. ``{"study": {"enabled":
+    False}}``) is merged over it like the file over the defaults: a section merges, any other value replaces."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"ablation file {path!r} does not exist (e.g. configs/ablations/toy.yaml)")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    for k, v in (overrides or {}).items():
-        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) and k not in ("objectives", "grid") else v
-    if isinstance(data.get("objectives"), list):
-        data["objectives"] = {name: {} for name in data["objectives"]}
-    schema = _build(AblationSchema, _numbers_in(data, AblationSchema), "", path)
+    data = read_yaml(path, "ablation file", "configs/ablations/toy.yaml")
+    overrides = dict(overrides or {})
+    for mapping in (data, overrides):          # objectives may be a plain list of names
+        if isinstance(mapping.get("objectives"), list):
+            mapping["objectives"] = {name: {} for name in mapping["objectives"]}
+    schema = structured(AblationSchema, data, path, overrides.items())
     return Ablation(schema, path)
