@@ -84,13 +84,17 @@ class ModelConfig:
 
 @dataclass
 class CriticConfig:
-    """The critic's backbone (objectives with ``needs_critic``): a scalar per sample."""
+    """The critic (objectives with ``needs_critic``): its backbone, a scalar per sample, and its own
+    optimizer settings. The critic is the other player of the min-max, so its gradients are clipped by
+    their own norm and it is decayed only by its own ``weight_decay`` (``train.*`` is the score model's)."""
     hidden: int = 128
     depth: int = 3
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32])
     layers_per_block: int = 1
     norm_num_groups: int = 8
     lr: Optional[float] = None      # None: train.lr
+    clip_grad: Optional[float] = None   # max norm of the critic's own gradients; None: train.clip_grad (.inf: none)
+    weight_decay: float = 0.0       # AdamW decay of the critic's parameters only
 
 
 @dataclass
@@ -104,10 +108,10 @@ class TrainConfig:
     batch_size: int = 256           # global batch (all processes, all accumulation micro-batches)
     grad_accum: int = 1
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0       # AdamW decay of the score model's parameters (the critic's: critic.weight_decay)
     warmup_steps: int = 0
     max_steps: int = 2000
-    clip_grad: Optional[float] = 1.0
+    clip_grad: Optional[float] = 1.0   # max norm of the score model's gradients (null: no clipping)
     ema_decay: float = 0.999
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"   # auto: bf16 on a GPU that has it, else no
     seed: int = 0
@@ -294,7 +298,7 @@ def _check_values(cfg: Config, where: str):
             raise ConfigError(f"{where}: {key} must be >= 1, got {v}")
     nonneg = {"train.warmup_steps": t.warmup_steps, "train.checkpoint_every": t.checkpoint_every,
               "eval.sample_every": cfg.eval.sample_every, "eval.diagnose_every": cfg.eval.diagnose_every,
-              "train.weight_decay": t.weight_decay}
+              "train.weight_decay": t.weight_decay, "critic.weight_decay": cfg.critic.weight_decay}
     for key, v in nonneg.items():
         if v < 0:
             raise ConfigError(f"{where}: {key} must be >= 0, got {v}")
@@ -302,8 +306,9 @@ def _check_values(cfg: Config, where: str):
         raise ConfigError(f"{where}: train.lr must be > 0, got {t.lr}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"{where}: train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if t.clip_grad is not None and not t.clip_grad > 0:
-        raise ConfigError(f"{where}: train.clip_grad must be > 0 or null, got {t.clip_grad}")
+    for key, v in (("train.clip_grad", t.clip_grad), ("critic.clip_grad", cfg.critic.clip_grad)):
+        if v is not None and not v > 0:
+            raise ConfigError(f"{where}: {key} must be > 0 or null, got {v}")
     for i, s in enumerate(cfg.eval.diag_times):
         if not 0 < s <= 1:
             raise ConfigError(f"{where}: eval.diag_times[{i}] must be in (0, 1], got {s}")

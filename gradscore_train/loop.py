@@ -102,11 +102,14 @@ class Trainer:
         critic = build_critic(cfg, self.sde, self.source.shape) if self.spec.needs_critic else None
         self.objective = objective_from_config(cfg, self.sde, critic)
         critic = self.objective.critic
-        groups = [{"params": list(model.parameters()), "lr": cfg.train.lr}]
+        # the two players of the min-max are optimised side by side, not jointly: one parameter group
+        # each, with its own learning rate and weight decay, and its own gradient clipping (clip_gradients)
+        groups = [{"params": list(model.parameters()), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}]
         if critic is not None:
-            groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.train.lr})
+            groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.train.lr,
+                           "weight_decay": cfg.critic.weight_decay})
         self.base_lrs = [g["lr"] for g in groups]
-        opt = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay)
+        opt = make_optimizer(groups, cfg.train.lr)
         if critic is not None:
             self.model, self.critic, self.opt = acc.prepare(model, critic, opt)
             self.objective.critic = self.critic                   # the objective must use the prepared module
@@ -119,7 +122,11 @@ class Trainer:
         # wrappers only forward to torch there (see _clip, _optimizer_step)
         self._plain = acc.scaler is None and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
                                                                        DistributedType.MULTI_GPU)
-        self._param_list = [*self.model.parameters(), *(self.critic.parameters() if self.critic is not None else [])]
+        critic_clip = cfg.train.clip_grad if cfg.critic.clip_grad is None else cfg.critic.clip_grad
+        self.max_grad_norms = (cfg.train.clip_grad or math.inf, critic_clip or math.inf)   # (score model, critic)
+        self._score_params = list(self.model.parameters())
+        self._critic_params = list(self.critic.parameters()) if self.critic is not None else []
+        self._zero_norm = torch.zeros((), device=acc.device)       # the norm of no gradients
         self._data_gen = torch.Generator()                      # reseeded for every micro-batch
         self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
         acc.register_for_checkpointing(self.ema)
@@ -138,7 +145,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------- one phase
     def _phase(self, step: int, phase: int, loss_fn, term: str):
-        """``grad_accum`` micro-batches then one optimizer step; returns ``(mean loss, grad norm)``."""
+        """``grad_accum`` micro-batches then one optimizer step; returns ``(mean loss, score-model grad
+        norm, critic grad norm)``, the norms before clipping."""
         acc, cfg = self.acc, self.cfg
         total = None
         models = [self.model] + ([self.critic] if self.critic is not None else [])
@@ -160,20 +168,34 @@ class Trainer:
                 total = part if total is None else total + part
                 if acc.sync_gradients:
                     if phase > 0:                                   # critic-only step: drop score-model gradients
-                        for p in self.model.parameters():
+                        for p in self._score_params:
                             p.grad = None
-                    params = [p for p in self._param_list if p.grad is not None]
-                    gn = self._clip(params, cfg.train.clip_grad or float("inf")) if params else torch.zeros(())
-                    gn = gn.float() if isinstance(gn, torch.Tensor) else torch.as_tensor(gn, device=acc.device).float()
-                    # one process: two scalar reads; several: every rank stops if any rank saw NaN/Inf
-                    if acc.num_processes > 1 or not (math.isfinite(total.item()) and math.isfinite(gn.item())):
-                        bad = torch.stack([total, gn]).isfinite().logical_not().float()
+                    gn, gn_critic = self.clip_gradients()
+                    checked = [total, gn] + ([gn_critic] if self.critic is not None else [])
+                    # one process: scalar reads; several: every rank stops if any rank saw NaN/Inf
+                    if acc.num_processes > 1 or not all(math.isfinite(v.item()) for v in checked):
+                        bad = torch.stack(checked).isfinite().logical_not().float()
                         if acc.num_processes > 1:
                             bad = acc.reduce(bad, "sum")
                         if bad.any():
-                            self._diverged(step, term, total, gn, bad)
+                            self._diverged(step, term, checked, bad)
                     self._optimizer_step()
-        return total, gn
+        return total, gn, gn_critic
+
+    def clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip the score model's and the critic's gradients separately, each by its own global norm
+        (``max_grad_norms``: ``train.clip_grad``, ``critic.clip_grad``), and return the two norms before
+        clipping (0 for a model without gradients). Clipping the joint norm would couple the players:
+        a large critic gradient would shrink the score model's step, and the other way round."""
+        norms = []
+        for params, max_norm in zip((self._score_params, self._critic_params), self.max_grad_norms):
+            params = [p for p in params if p.grad is not None]
+            if not params:
+                norms.append(self._zero_norm)
+                continue
+            gn = self._clip(params, max_norm)
+            norms.append(gn.float() if isinstance(gn, torch.Tensor) else torch.as_tensor(gn, device=self.acc.device).float())
+        return norms[0], norms[1]
 
     def _clip(self, params, max_norm: float):
         """Clip the gradients' global norm and return it. In plain data parallel without a loss scaler
@@ -195,9 +217,10 @@ class Trainer:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
 
-    def _diverged(self, step, term, total, gn, bad):
+    def _diverged(self, step, term, checked, bad):
         what = f"loss term {term!r}" if bad[0] > 0 else f"gradient norm of loss term {term!r}"
-        msg = (f"non-finite {what} at step {step + 1} (local loss {float(total):.4g}, grad norm {float(gn):.4g}); "
+        norms = f"grad norm {float(checked[1]):.4g}" + (f", critic grad norm {float(checked[2]):.4g}" if len(checked) > 2 else "")
+        msg = (f"non-finite {what} at step {step + 1} (local loss {float(checked[0]):.4g}, {norms}); "
                f"stopped before the update. Last good checkpoint: {self.last_checkpoint or 'none yet'}")
         if self.main:
             self.logbook.log(step, {"diverged": 1.0})
@@ -255,7 +278,7 @@ class Trainer:
         term = cfg.objective.name
         bar = tqdm(total=cfg.train.max_steps, initial=self.start_step, disable=not (self.main and self.progress),
                    desc=f"train {term}", dynamic_ncols=True)
-        loss = gn = torch.zeros(())
+        loss = gn = gn_critic = torch.zeros(())
         self.model.train()
         if self.critic is not None:
             self.critic.train()
@@ -268,7 +291,7 @@ class Trainer:
                 group["lr"] = base * scale
             for k in range(1, self.objective.n_critic):               # extra critic-only steps (0 or 1: none)
                 self._phase(step, k, lambda x0: self.objective.critic_loss(unwrapped, x0), "critic_loss")
-            loss, gn = self._phase(step, 0, lambda x0: self.objective(self.model, x0), term)
+            loss, gn, gn_critic = self._phase(step, 0, lambda x0: self.objective(self.model, x0), term)
             self.ema.update(unwrapped)
             done = step + 1
             bar.update(1)
@@ -276,8 +299,10 @@ class Trainer:
                 mean_loss = float(acc.reduce(loss.reshape(1), "mean"))
                 if self.main:
                     bar.set_postfix(loss=f"{mean_loss:.4g}")
-                    self.logbook.log(done, {"train/loss": mean_loss, "train/grad_norm": float(gn),
-                                            "train/lr": self.opt.param_groups[0]["lr"]})
+                    logged = {"train/loss": mean_loss, "train/grad_norm": float(gn), "train/lr": self.opt.param_groups[0]["lr"]}
+                    if self.critic is not None:
+                        logged["train/critic_grad_norm"] = float(gn_critic)
+                    self.logbook.log(done, logged)
             if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps:
                 self.last_checkpoint = save_checkpoint(acc, self.output_dir, done, self.model, self.ema, config_dict,
                                                        cfg.train.keep_checkpoints)
