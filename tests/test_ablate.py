@@ -180,3 +180,29 @@ def test_critic_capacity_ablation_varies_only_the_critic():
     share = {h: n(TimeMLP(2, h, 3, out_dim=1)) / score for h in (128, 56, 24)}
     assert share[128] == pytest.approx(1.0, abs=0.01)
     assert share[56] == pytest.approx(0.22, abs=0.005) and share[24] == pytest.approx(0.055, abs=0.003)
+
+
+def test_assessment_keeps_the_prior_term_and_its_stderr_apart():
+    """Oracle (docs/theory.md §4): each KL bound is the prior term plus the trapezoid integral of
+    ``g(t)^2 / 2`` times the squared error, and the standard errors of independent parts add in
+    quadrature. So from the assessment's own per-time L2 errors, ``kl_girsanov - kl_prior`` and
+    ``stderr.kl_girsanov^2 - stderr.kl_prior^2`` are determined; they hold to float64 rounding (1e-12
+    relative) only if ``kl_prior`` is the prior's value and ``stderr.kl_prior`` its standard error. The
+    score: the exact one of a 2-D mixture plus a zero-effect rotation (large L2 error)."""
+    import gradscore as gs
+    from gradscore.diagnostics import default_times
+    from gradscore.diagnostics.kl import trapezoid_weights
+    from gradscore_train.ablation.assessment import assess
+    from gradscore_train.ablation.config import AssessmentConfig
+
+    sde, mixture = gs.VPSDE(), gs.toy.GaussianMixture.preset("pair")
+    ac = AssessmentConfig(**TINY["assessment"])
+    out = assess(gs.toy.add_zero_effect(mixture.score_fn(sde), 2.0), sde, mixture, ac)
+    times = default_times(sde, ac.num_times)
+    w_half_g2 = trapezoid_weights(times) * 0.5 * sde.g2(times).to(torch.float64)
+    l2 = torch.tensor([r["l2"] for r in out["per_time"]], dtype=torch.float64)
+    l2_se = torch.tensor([r["l2_stderr"] for r in out["per_time"]], dtype=torch.float64)
+    assert out["predictors"]["kl_girsanov"] - out["kl_prior"] == pytest.approx(float((w_half_g2 * l2).sum()), rel=1e-12)
+    se = out["stderr"]
+    assert se["kl_girsanov"] ** 2 - se["kl_prior"] ** 2 == pytest.approx(float(((w_half_g2 * l2_se) ** 2).sum()), rel=1e-12)
+    assert se["kl_prior"] > 0

@@ -11,7 +11,10 @@ whatever the model (common random numbers, so differences between models are pai
 * ``predictors``: the scalars the correlation study ranks by. ``dsm_l2``, ``gradient``, ``solenoidal``:
   ``int sigma_t^2 ||.||^2 dt`` (the eps-prediction weighting DSM minimises; trapezoid on the grid);
   ``kl_girsanov``, ``kl_gradient``: the two KL bounds (likelihood weighting ``g^2 / 2`` plus the prior
-  term); ``siem``: the SIEM baseline with the exact score as reference.
+  term); ``siem``: the SIEM baseline with the exact score as reference;
+* ``kl_prior``: the prior term ``KL(p_T || prior)`` both bounds include (exact Monte Carlo: the
+  mixture's ``log p_T`` is known);
+* ``stderr``: the standard errors of ``kl_girsanov``, ``kl_gradient``, ``kl_prior`` and ``siem``.
 
 ``assess_all(ablation) -> {"runs": [...], "population": [...]}`` assesses the final checkpoint of every
 finished run (the comparison) and, for the correlation study, the kept intermediate checkpoints and the
@@ -88,8 +91,9 @@ def assess(score_fn, sde, mixture, ac: AssessmentConfig, samples_path: str | Non
         "quality": {k: _finite(float(v)) for k, v in quality.items()},
         "per_time": per_time,
         "predictors": predictors,
+        "kl_prior": kl["prior"].value,
         "stderr": {"kl_girsanov": kl["girsanov"].stderr, "kl_gradient": kl["gradient"].stderr,
-                   "kl_prior": kl["prior"].value, "siem": s.stderr},
+                   "kl_prior": kl["prior"].stderr, "siem": s.stderr},
     }
 
 
@@ -106,9 +110,15 @@ def _cached(path: str, compute):
     return result
 
 
+# Version of what ``assess`` returns, part of the cache key: cached assessments of another layout are
+# recomputed, not read (2: the prior term's value under ``kl_prior``, its stderr under ``stderr``).
+ASSESSMENT_FORMAT = 2
+
+
 def _assessment_key(ac: AssessmentConfig) -> str:
-    """Assessments are cached per assessment setting: changing a size re-assesses."""
-    return hashlib.sha1(json.dumps(asdict(ac), sort_keys=True).encode()).hexdigest()[:8]
+    """Assessments are cached per assessment setting and format: changing a size re-assesses."""
+    key = json.dumps({"format": ASSESSMENT_FORMAT, **asdict(ac)}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
 def _run_info(spec: RunSpec) -> dict:
