@@ -54,7 +54,8 @@ class DataConfig:
     preset: str = "ring8"
     dim: int = 2
     components: int = 8
-    spread: float = 2.0             # random mixture: means ~ spread * N(0, I) / sqrt(dim)
+    # random mixture: means ~ spread * N(0, I), scaled by sqrt(2 / dim) above 2-D (so E|mean|^2 = 2 spread^2)
+    spread: float = 2.0
     component_std: float = 0.2      # random mixture: isotropic component standard deviation
     mixture_seed: int = 0
     # images

@@ -21,6 +21,17 @@ def test_random_mixture_in_5d_has_the_exact_density():
     assert ToySource(toy_mixture(DataConfig(preset="random", dim=7, components=3))).shape == (7,)
 
 
+@pytest.mark.parametrize("dim", [2, 8, 32])
+def test_random_mixture_means_have_the_documented_spread(dim):
+    """data.spread (config comment): means ~ spread * N(0, I) scaled by sqrt(2 / dim) above 2-D, so
+    E|mean|^2 = 2 spread^2 in every dimension. Oracle: |mean|^2 / (2 spread^2) ~ chi2_dim / dim, whose
+    average over 4000 components has standard deviation sqrt(2 / (dim 4000)) <= 0.016: tolerance 0.06."""
+    spread = 1.5
+    mix = toy_mixture(DataConfig(preset="random", dim=dim, components=4000, spread=spread))
+    ratio = float((mix.means.double() ** 2).sum(1).mean()) / (2 * spread**2)
+    assert ratio == pytest.approx(1.0, abs=0.06)
+
+
 def test_preset_dimension_mismatch_is_explained():
     with pytest.raises(DataError, match=r"preset='ring8' is 2-dimensional but data.dim=3"):
         toy_mixture(DataConfig(preset="ring8", dim=3))
