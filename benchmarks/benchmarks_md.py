@@ -22,7 +22,7 @@ TRIED = """\
 | non-reentrant checkpoint of the backbone call inside the energy (recomputed under the math SDPA kernel) | yes: loss and gradients bit-identical | time 4.0x L2 (+25%); saved 262 MB, peak 263 MB (-1%): the VJP graph re-holds the recomputed activations | no |
 | reverse-over-forward: `score` from a custom `autograd.Function` whose backward takes the parameter gradient of the directional derivative `<a, grad_x E>` (forward-mode JVP of E along the detached cotangent `a`) | yes in exact arithmetic (tests/test_fast_paths.py, TimeMLP, float64) | on UNet2DModel in torch 2.13: forward AD of `group_norm` fails on the non-contiguous attention output ("view size is not compatible"), then `softmax` forward AD breaks the reverse pass (in-place on `exp`); without attention it ran at 5.3x L2 (plain: 3.2x) and its gradients disagreed with the plain route (not investigated). FLOPs: F + VJP to get `a`, then a primal+tangent forward and its backward, ~8F against ~6F | no |
 | double-backward-friendly custom `Function`s for SiLU, GroupNorm, conv2d (backward written with differentiable ops: `conv_transpose2d`, analytic SiLU'' , GroupNorm formula; weight gradients skipped during the inner `autograd.grad`) | yes (rel. error 2e-7 to 2e-6 per op) | per-op double backward: conv 0.88x, SiLU 1.05x, GroupNorm 1.5x of native: no net gain in time, more code on the default path (memory was not measured then; the SiLU part came back as `CompactSiLU` above, for its memory) | no |
-| `torch.compile` | - | refuses double backward (aot_autograd), ENGINEERING.md | no |
+| `torch.compile` | - | refuses double backward (aot_autograd), docs/engineering.md "Double backward" | no |
 """
 
 

@@ -43,8 +43,8 @@ def _splitmix64(z: int) -> int:
 
 def micro_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed from ``(seed, *keys)`` (independent streams for every step and micro-batch):
-    SplitMix64 chained over the keys, ~2 us in pure Python (numpy's SeedSequence took 50 us, 2% of a
-    toy training step, called once per micro-batch)."""
+    SplitMix64 chained over the keys in pure Python, called once per micro-batch (numpy's
+    SeedSequence did the same at many times the cost: BENCHMARKS.md, section "Training driver overhead")."""
     h = _splitmix64(int(seed) & _U64)
     for k in keys:
         h = _splitmix64(h ^ (int(k) & _U64))

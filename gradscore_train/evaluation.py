@@ -78,7 +78,7 @@ def score_diagnostics(score_model, sde, x0: torch.Tensor, times, true_score=None
     ``gradscore.diagnostics``, as metrics ``diag/<name>/t=<t>`` and ``diag/<name>_stderr/t=<t>``. A
     diagnostic that fails is logged and skipped: it must not kill a training run."""
     from gradscore import diagnostics as D
-    size = {"num_points": 2**16, "generator": generator}   # the library's 2^18 default costs ~10 s a call on CPU
+    size = {"num_points": 2**16, "generator": generator}   # fixed and moderate: these run periodically in training
     calls = {"gradient_error": lambda t: D.gradient_error(score_model, sde, x0, t, **size),
              "solenoidal_error": lambda t: D.solenoidal_error(score_model, sde, x0, t, **size)}
     if true_score is not None:

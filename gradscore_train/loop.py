@@ -55,15 +55,16 @@ def _make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
     # cpu=True without CUDA: under `accelerate launch --multi_gpu` on CPU this is what makes the
-    # processes join one gloo group instead of each believing it is rank 0 of 1 (ENGINEERING.md).
+    # processes join one gloo group instead of each believing it is rank 0 of 1
+    # (docs/engineering.md, "accelerate on CPU").
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                        gradient_accumulation_steps=cfg.train.grad_accum)
 
 
 def make_optimizer(groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW over ``groups``; the fused kernel where torch has one for these parameters (CPU and
-    CUDA floating point: one kernel for all tensors instead of a Python loop, 0.17 ms of a 2.4 ms toy
-    step on CPU, benchmarks/), else the default implementation."""
+    """AdamW over ``groups`` (a group's own ``weight_decay`` overrides ``weight_decay``); the fused
+    kernel where torch has one for these parameters (CPU and CUDA floating point: one kernel for all
+    tensors instead of a Python loop; BENCHMARKS.md, section "Training driver overhead"), else the default implementation."""
     try:
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     except RuntimeError:
@@ -78,7 +79,7 @@ def seed_global_rng(seed: int, device: torch.device) -> None:
     """Seed the global generator the objectives draw ``t`` and noise from (``generator=None``).
 
     On CPU only the CPU generator is seeded: ``torch.manual_seed`` also queues a lazy CUDA seeding
-    (with a captured stack trace) on every call, which was 1.4 ms of a 6 ms toy step (benchmarks/)."""
+    (with a captured stack trace) on every call, a large part of a toy step (BENCHMARKS.md, section "Training driver overhead")."""
     if device.type == "cpu":
         torch.random.default_generator.manual_seed(seed)
     else:
@@ -199,8 +200,8 @@ class Trainer:
 
     def _clip(self, params, max_norm: float):
         """Clip the gradients' global norm and return it. In plain data parallel without a loss scaler
-        accelerate's ``clip_grad_norm_`` is torch's after version and scaler checks (~20 us a step),
-        so torch's is called directly there; FSDP, DeepSpeed, XLA and fp16 go through accelerate."""
+        accelerate's ``clip_grad_norm_`` is torch's after version and scaler checks, so torch's is
+        called directly there; FSDP, DeepSpeed, XLA and fp16 go through accelerate."""
         if self._plain:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         return self.acc.clip_grad_norm_(params, max_norm)
@@ -208,8 +209,8 @@ class Trainer:
     def _optimizer_step(self):
         """``opt.step(); opt.zero_grad()``. In plain data parallel without a loss scaler accelerate's
         optimizer wrapper only forwards to the torch optimizer, after an uncached importlib lookup
-        each call (accelerate 1.15: ~0.1 ms per step, 4% of a toy step), so the torch optimizer is
-        called directly there."""
+        each call (accelerate 1.15; its cost: BENCHMARKS.md, section "Training driver overhead"), so the torch optimizer is called directly
+        there."""
         if self._plain:
             self.opt.optimizer.step()
             self.opt.optimizer.zero_grad(set_to_none=True)

@@ -158,9 +158,10 @@ def test_cli_runs_and_reports_config_errors(tmp_path):
 
 
 def test_periodic_diagnostics_report_every_error_with_its_stderr():
-    """gradscore_train.evaluation.score_diagnostics logs gradient, solenoidal and L2 errors. Oracle (THEORY 3, 8): for the exact
-    score plus a zero-effect rotation c J grad log p_t the gradient part is ~0 (within 4 stderr) while the
-    solenoidal part carries the L2 error (within 10%; the estimator runs at reduced size here)."""
+    """gradscore_train.evaluation.score_diagnostics logs gradient, solenoidal and L2 errors. Oracle
+    (docs/theory.md §3, §8): for the exact score plus a zero-effect rotation c J grad log p_t the gradient
+    part is ~0 (within 4 stderr) while the solenoidal part carries the L2 error (within 10%; the estimator
+    runs at reduced size here)."""
     import gradscore as gs
     from gradscore_train.evaluation import score_diagnostics
     sde, mix = gs.VPSDE(), gs.toy.GaussianMixture.preset("pair")
