@@ -2,7 +2,7 @@
 
 ``run(config, output_dir, resume=None, max_steps=None, progress=True) -> dict`` trains and returns
 the final metrics (also written to ``<output_dir>/final_metrics.json``). It is what
-``train/train.py`` calls and what an ablation runner should call.
+``python -m gradscore_train.train`` calls and what the ablation runner calls.
 
 Reproducibility: every micro-batch reseeds the random state from ``(seed, step, phase, j)`` with
 ``j = micro * num_processes + rank`` its index within the global batch, and draws its examples
@@ -12,8 +12,8 @@ global batch over processes or accumulation micro-batches draws the same example
 
 Per optimizer step: ``n_critic - 1`` critic-only steps (``objective.critic_loss``, score model
 unwrapped so its gradients stay local and are dropped), then the objective's step on score model and
-critic together; gradient clipping, a non-finite guard (before the update, agreed across ranks),
-the learning-rate warm-up and the EMA of the score model.
+critic together; gradient clipping (the score model's and the critic's norms separately), a non-finite
+guard (before the update, agreed across ranks), the learning-rate warm-up and the EMA of the score model.
 """
 from __future__ import annotations
 
@@ -337,7 +337,7 @@ def run(config: Config, output_dir: str, resume: str | None = None, max_steps: i
     return the loss and step only).
 
     Args:
-        config: a validated ``Config`` (``train.config.load_config``).
+        config: a validated ``Config`` (``gradscore_train.config.load_config``).
         output_dir: where checkpoints, ``metrics.jsonl``, ``tensorboard/``, ``samples/`` go.
         resume: ``"latest"`` (the newest checkpoint in ``output_dir``) or a checkpoint folder.
         max_steps: overrides ``train.max_steps`` (the total, counting resumed steps).
