@@ -112,12 +112,12 @@ def _limits(results) -> str:
                          f"{_f(r.get('saved_mb_ratio'))}x the saved-for-backward bytes.")
     p = results.get("profile")
     if p and "energy" in p and "l2" in p:
-        e, l = p["energy"], p["l2"]
-        parts.append(f"- Profile of one step (unet16, self CPU time of aten ops): L2 {l['total_ms']:.0f} ms "
-                     f"({l['matmul_ms']:.0f} ms convolution/matmul/attention, {l['other_ms']:.0f} ms other); energy "
+        e, ref = p["energy"], p["l2"]
+        parts.append(f"- Profile of one step (unet16, self CPU time of aten ops): L2 {ref['total_ms']:.0f} ms "
+                     f"({ref['matmul_ms']:.0f} ms convolution/matmul/attention, {ref['other_ms']:.0f} ms other); energy "
                      f"{e['total_ms']:.0f} ms ({e['matmul_ms']:.0f} ms convolution/matmul/attention = "
-                     f"{e['matmul_ms'] / max(l['matmul_ms'], 1e-9):.2f}x, {e['other_ms']:.0f} ms other = "
-                     f"{e['other_ms'] / max(l['other_ms'], 1e-9):.2f}x).")
+                     f"{e['matmul_ms'] / max(ref['matmul_ms'], 1e-9):.2f}x, {e['other_ms']:.0f} ms other = "
+                     f"{e['other_ms'] / max(ref['other_ms'], 1e-9):.2f}x).")
     return "\n".join(parts)
 
 

@@ -31,7 +31,13 @@ _OVERRIDES = ["train.checkpoint_every=0", "eval.sample_every=0", "eval.diagnose_
 
 
 def _bare_loop_seconds(cfg, steps: int, recipe: bool) -> float:
-    from gradscore_train.build import build_critic, build_score_model, build_sde, check_objective_config, objective_from_config
+    from gradscore_train.build import (
+        build_critic,
+        build_score_model,
+        build_sde,
+        check_objective_config,
+        objective_from_config,
+    )
     from gradscore_train.data import build_source
     from gradscore_train.loop import make_optimizer
 
@@ -44,8 +50,10 @@ def _bare_loop_seconds(cfg, steps: int, recipe: bool) -> float:
     objective = objective_from_config(cfg, sde, critic)
     params = [*model.parameters(), *(objective.critic.parameters() if objective.critic is not None else [])]
     groups = [{"params": params, "lr": cfg.train.lr}]
-    opt = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay) if recipe else torch.optim.AdamW(groups, lr=cfg.train.lr,
-                                                                        weight_decay=cfg.train.weight_decay)
+    if recipe:
+        opt = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     weights = list(model.parameters())
     ema = [p.detach().clone() for p in weights]
     g = torch.Generator().manual_seed(0)
@@ -93,8 +101,8 @@ def run(config_path="configs/toy/l2.yaml", steps=100, repeats=3):
     milliseconds; overhead = median over repeats of driver/recipe - 1, overhead_minimal likewise
     against the minimal loop), or ``None`` when ``gradscore_train.loop`` does not exist yet."""
     try:
-        from gradscore_train.config import load_config
         import gradscore_train.loop  # noqa: F401
+        from gradscore_train.config import load_config
     except ImportError:
         return None
     import logging

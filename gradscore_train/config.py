@@ -22,7 +22,7 @@ import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -44,7 +44,7 @@ class SDEConfig:
     beta_max: float = 20.0          # vp
     sigma_min: float = 0.01         # ve
     sigma_max: float = 50.0         # ve
-    t_min: Optional[float] = None   # None: the process's default
+    t_min: float | None = None   # None: the process's default
 
 
 @dataclass
@@ -59,14 +59,14 @@ class DataConfig:
     component_std: float = 0.2      # random mixture: isotropic component standard deviation
     mixture_seed: int = 0
     # images
-    data_dir: Optional[str] = None  # imagefolder root (or data_dir passed to load_dataset for kind=hf)
-    name: Optional[str] = None      # kind=hf: a datasets name found in the local cache (never downloaded in tests)
+    data_dir: str | None = None  # imagefolder root (or data_dir passed to load_dataset for kind=hf)
+    name: str | None = None      # kind=hf: a datasets name found in the local cache (never downloaded in tests)
     split: str = "train"
-    image_column: Optional[str] = None   # None: the first Image column ("image", "img")
-    label_column: Optional[str] = None   # None: "label"/"labels" if present
-    resolution: Optional[int] = None     # None: the data's own size (digits: 8)
-    channels: Optional[int] = None       # None: the data's own (1 grey, 3 RGB)
-    max_images: Optional[int] = None
+    image_column: str | None = None   # None: the first Image column ("image", "img")
+    label_column: str | None = None   # None: "label"/"labels" if present
+    resolution: int | None = None     # None: the data's own size (digits: 8)
+    channels: int | None = None       # None: the data's own (1 grey, 3 RGB)
+    max_images: int | None = None
     random_flip: bool = False
 
 
@@ -93,8 +93,8 @@ class CriticConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32])
     layers_per_block: int = 1
     norm_num_groups: int = 8
-    lr: Optional[float] = None      # None: train.lr
-    clip_grad: Optional[float] = None   # max norm of the critic's own gradients; None: train.clip_grad (.inf: none)
+    lr: float | None = None      # None: train.lr
+    clip_grad: float | None = None   # max norm of the critic's own gradients; None: train.clip_grad (.inf: none)
     weight_decay: float = 0.0       # AdamW decay of the critic's parameters only
 
 
@@ -112,7 +112,7 @@ class TrainConfig:
     weight_decay: float = 0.0       # AdamW decay of the score model's parameters (the critic's: critic.weight_decay)
     warmup_steps: int = 0
     max_steps: int = 2000
-    clip_grad: Optional[float] = 1.0   # max norm of the score model's gradients (null: no clipping)
+    clip_grad: float | None = 1.0   # max norm of the score model's gradients (null: no clipping)
     ema_decay: float = 0.999
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"   # auto: bf16 on a GPU that has it, else no
     seed: int = 0
@@ -133,7 +133,7 @@ class EvalConfig:
     diag_samples: int = 512
     quality: bool = True            # sample-quality metrics at the end
     classifier_cache: str = "~/.cache/gradscore/classifiers"
-    fid_weights: Optional[str] = None   # path to Inception weights (FID through torchmetrics), optional
+    fid_weights: str | None = None   # path to Inception weights (FID through torchmetrics), optional
 
 
 @dataclass
@@ -145,7 +145,7 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    source: Optional[str] = None    # the file it was loaded from (informational)
+    source: str | None = None    # the file it was loaded from (informational)
 
 
 # ----------------------------------------------------------------------------- reading YAML
@@ -160,7 +160,8 @@ _YAML12Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                     list("tTfF"))
-_YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+_YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                     list("-+0123456789"))
 
 
@@ -293,7 +294,8 @@ def _check_values(cfg: Config, where: str):
     positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.max_steps": t.max_steps,
                 "train.keep_checkpoints": t.keep_checkpoints, "train.log_every": t.log_every,
                 "eval.num_samples": cfg.eval.num_samples, "eval.sample_steps": cfg.eval.sample_steps,
-                "eval.diag_samples": cfg.eval.diag_samples, "data.dim": cfg.data.dim, "data.components": cfg.data.components}
+                "eval.diag_samples": cfg.eval.diag_samples, "data.dim": cfg.data.dim,
+                "data.components": cfg.data.components}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"{where}: {key} must be >= 1, got {v}")

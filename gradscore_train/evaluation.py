@@ -5,7 +5,6 @@ All functions take a plain (unwrapped, eval-mode) score model ``(x [B, *D], t [B
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F

@@ -28,13 +28,13 @@ import time
 import torch
 import yaml
 
+from . import evaluation
 from .build import build_critic, build_score_model, build_sde, check_objective_config, objective_from_config
 from .checkpoint import latest_checkpoint, read_step, resolve_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
 from .data import BatchPlan, build_source, micro_seed
 from .ema import EMA
 from .logbook import Logbook
-from . import evaluation
 
 __all__ = ["run", "Trainer", "NonFiniteLoss", "resolve_mixed_precision", "make_optimizer"]
 
@@ -57,14 +57,16 @@ def _make_accelerator(cfg: Config):
     # cpu=True without CUDA: under `accelerate launch --multi_gpu` on CPU this is what makes the
     # processes join one gloo group instead of each believing it is rank 0 of 1
     # (docs/engineering.md, "accelerate on CPU").
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                        gradient_accumulation_steps=cfg.train.grad_accum)
 
 
 def make_optimizer(groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """AdamW over ``groups`` (a group's own ``weight_decay`` overrides ``weight_decay``); the fused
     kernel where torch has one for these parameters (CPU and CUDA floating point: one kernel for all
-    tensors instead of a Python loop; BENCHMARKS.md, section "Training driver overhead"), else the default implementation."""
+    tensors instead of a Python loop; BENCHMARKS.md, section "Training driver overhead"), else the default
+    implementation."""
     try:
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     except RuntimeError:
@@ -79,7 +81,8 @@ def seed_global_rng(seed: int, device: torch.device) -> None:
     """Seed the global generator the objectives draw ``t`` and noise from (``generator=None``).
 
     On CPU only the CPU generator is seeded: ``torch.manual_seed`` also queues a lazy CUDA seeding
-    (with a captured stack trace) on every call, a large part of a toy step (BENCHMARKS.md, section "Training driver overhead")."""
+    (with a captured stack trace) on every call, a large part of a toy step
+    (BENCHMARKS.md, section "Training driver overhead")."""
     if device.type == "cpu":
         torch.random.default_generator.manual_seed(seed)
     else:
@@ -96,7 +99,8 @@ class Trainer:
         self.acc = acc = _make_accelerator(cfg)
         self.main = acc.is_main_process
         self.source = build_source(cfg.data)
-        self.plan = BatchPlan(self.source, cfg.train.batch_size, acc.num_processes * cfg.train.grad_accum, cfg.train.seed)
+        self.plan = BatchPlan(self.source, cfg.train.batch_size, acc.num_processes * cfg.train.grad_accum,
+                              cfg.train.seed)
         self.sde = build_sde(cfg)
         torch.manual_seed(cfg.train.seed)                       # identical initial weights on every rank
         model = build_score_model(cfg, self.sde, self.source.shape, self.spec)
@@ -195,7 +199,8 @@ class Trainer:
                 norms.append(self._zero_norm)
                 continue
             gn = self._clip(params, max_norm)
-            norms.append(gn.float() if isinstance(gn, torch.Tensor) else torch.as_tensor(gn, device=self.acc.device).float())
+            gn = gn if isinstance(gn, torch.Tensor) else torch.as_tensor(gn, device=self.acc.device)
+            norms.append(gn.float())
         return norms[0], norms[1]
 
     def _clip(self, params, max_norm: float):
@@ -209,8 +214,8 @@ class Trainer:
     def _optimizer_step(self):
         """``opt.step(); opt.zero_grad()``. In plain data parallel without a loss scaler accelerate's
         optimizer wrapper only forwards to the torch optimizer, after an uncached importlib lookup
-        each call (accelerate 1.15; its cost: BENCHMARKS.md, section "Training driver overhead"), so the torch optimizer is called directly
-        there."""
+        each call (accelerate 1.15; its cost: BENCHMARKS.md, section "Training driver overhead"), so the
+        torch optimizer is called directly there."""
         if self._plain:
             self.opt.optimizer.step()
             self.opt.optimizer.zero_grad(set_to_none=True)
@@ -220,7 +225,9 @@ class Trainer:
 
     def _diverged(self, step, term, checked, bad):
         what = f"loss term {term!r}" if bad[0] > 0 else f"gradient norm of loss term {term!r}"
-        norms = f"grad norm {float(checked[1]):.4g}" + (f", critic grad norm {float(checked[2]):.4g}" if len(checked) > 2 else "")
+        norms = f"grad norm {float(checked[1]):.4g}"
+        if len(checked) > 2:
+            norms += f", critic grad norm {float(checked[2]):.4g}"
         msg = (f"non-finite {what} at step {step + 1} (local loss {float(checked[0]):.4g}, {norms}); "
                f"stopped before the update. Last good checkpoint: {self.last_checkpoint or 'none yet'}")
         if self.main:
@@ -253,7 +260,8 @@ class Trainer:
                 evaluation.save_grid(x, path)
             self.logbook.image(step, "samples", path)
             if final and cfg.eval.quality:
-                out.update(evaluation.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98), self.acc.device))
+                out.update(evaluation.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98),
+                                              self.acc.device))
             if final:
                 torch.save(x, os.path.join(self.output_dir, "samples", f"step-{step:07d}.pt"))
         if diagnostics:
@@ -261,7 +269,8 @@ class Trainer:
             x0 = self.source.sample_x0(cfg.eval.diag_samples, generator=g).to(self.acc.device)
             true = self.source.mixture.score_fn(self.sde) if hasattr(self.source, "mixture") else None
             g_dev = torch.Generator(device=self.acc.device).manual_seed(micro_seed(cfg.train.seed, step, 96))
-            out.update(evaluation.score_diagnostics(model, self.sde, x0, cfg.eval.diag_times, true_score=true, generator=g_dev))
+            out.update(evaluation.score_diagnostics(model, self.sde, x0, cfg.eval.diag_times, true_score=true,
+                                                    generator=g_dev))
         if out:
             self.logbook.log(step, out)
         return out
@@ -300,7 +309,8 @@ class Trainer:
                 mean_loss = float(acc.reduce(loss.reshape(1), "mean"))
                 if self.main:
                     bar.set_postfix(loss=f"{mean_loss:.4g}")
-                    logged = {"train/loss": mean_loss, "train/grad_norm": float(gn), "train/lr": self.opt.param_groups[0]["lr"]}
+                    logged = {"train/loss": mean_loss, "train/grad_norm": float(gn),
+                              "train/lr": self.opt.param_groups[0]["lr"]}
                     if self.critic is not None:
                         logged["train/critic_grad_norm"] = float(gn_critic)
                     self.logbook.log(done, logged)
@@ -325,7 +335,8 @@ class Trainer:
         if self.main:
             metrics.update(self.evaluate(final_step, samples=True, diagnostics=True, final=True))
             with open(os.path.join(self.output_dir, "final_metrics.json"), "w") as f:
-                json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}, f, indent=1)
+                json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                           for k, v in metrics.items()}, f, indent=1)
         acc.wait_for_everyone()
         self.logbook.close()
         return metrics

@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    out = args.output_dir or os.path.join(
-        "runs", f"{os.path.basename(os.path.dirname(os.path.abspath(args.config)))}-{os.path.splitext(os.path.basename(args.config))[0]}")
+    family = os.path.basename(os.path.dirname(os.path.abspath(args.config)))
+    out = args.output_dir or os.path.join("runs", f"{family}-{os.path.splitext(os.path.basename(args.config))[0]}")
     from .data import DataError
     from .loop import NonFiniteLoss, run
     try:

@@ -1,5 +1,5 @@
-"""The ablation runner (gradscore_train.ablate and gradscore_train.ablation): validation, skip / resume, launchers, and the report on a
-tiny grid (2 objectives x 2 seeds, a few steps, tiny diagnostics).
+"""The ablation runner (gradscore_train.ablate and gradscore_train.ablation): validation, skip / resume,
+launchers, and the report on a tiny grid (2 objectives x 2 seeds, a few steps, tiny diagnostics).
 
 Resume oracle: the training loop reseeds every step from (seed, step), so a run interrupted after its
 first checkpoint and resumed by the runner must end with exactly the weights of the uninterrupted run
@@ -86,7 +86,8 @@ def test_grid_crosses_hyperparameters_with_the_objectives_that_have_them(tmp_pat
     ab = load_ablation(_write(tmp_path, objectives={"l2": {}, "l2+dual_sobolev": {}},
                               grid={"objective.hparams.l2_weight": [0.5, 2.0]}))
     ids = [r.run_id for r in ab.runs()]
-    assert ids == ["l2/seed-0", "l2/seed-1", "l2+dual_sobolev/l2_weight=0.5/seed-0", "l2+dual_sobolev/l2_weight=0.5/seed-1",
+    assert ids == ["l2/seed-0", "l2/seed-1",
+                   "l2+dual_sobolev/l2_weight=0.5/seed-0", "l2+dual_sobolev/l2_weight=0.5/seed-1",
                    "l2+dual_sobolev/l2_weight=2.0/seed-0", "l2+dual_sobolev/l2_weight=2.0/seed-1"]
     assert ab.run("l2+dual_sobolev/l2_weight=2.0/seed-1").config.objective.hparams == {"l2_weight": 2.0}
 
@@ -155,10 +156,12 @@ def test_subprocess_launcher_trains_and_skips(tmp_path):
 
 def test_accelerate_launcher_command(tmp_path):
     # the launch itself (2 gloo processes on CPU) was checked by hand; here: the command line it runs
-    ab = load_ablation(_write(tmp_path, launcher={"kind": "accelerate", "num_processes": 3, "extra_args": ["--main_process_port", "0"]}))
+    launcher = {"kind": "accelerate", "num_processes": 3, "extra_args": ["--main_process_port", "0"]}
+    ab = load_ablation(_write(tmp_path, launcher=launcher))
     cmd = launch_command(ab, ab.run("l2/seed-0"))
     assert cmd[1:5] == ["launch", "--multi_gpu", "--num_processes", "3"]
-    assert cmd[-7:] == ["--main_process_port", "0", "-m", "gradscore_train.ablate", os.path.abspath(ab.path), "--run-one", "l2/seed-0"]
+    assert cmd[-7:] == ["--main_process_port", "0", "-m", "gradscore_train.ablate", os.path.abspath(ab.path),
+                        "--run-one", "l2/seed-0"]
 
 
 def test_critic_capacity_ablation_varies_only_the_critic():
@@ -202,7 +205,8 @@ def test_assessment_keeps_the_prior_term_and_its_stderr_apart():
     w_half_g2 = trapezoid_weights(times) * 0.5 * sde.g2(times).to(torch.float64)
     l2 = torch.tensor([r["l2"] for r in out["per_time"]], dtype=torch.float64)
     l2_se = torch.tensor([r["l2_stderr"] for r in out["per_time"]], dtype=torch.float64)
-    assert out["predictors"]["kl_girsanov"] - out["kl_prior"] == pytest.approx(float((w_half_g2 * l2).sum()), rel=1e-12)
+    integral, integral_var = float((w_half_g2 * l2).sum()), float(((w_half_g2 * l2_se) ** 2).sum())
+    assert out["predictors"]["kl_girsanov"] - out["kl_prior"] == pytest.approx(integral, rel=1e-12)
     se = out["stderr"]
-    assert se["kl_girsanov"] ** 2 - se["kl_prior"] ** 2 == pytest.approx(float(((w_half_g2 * l2_se) ** 2).sum()), rel=1e-12)
+    assert se["kl_girsanov"] ** 2 - se["kl_prior"] ** 2 == pytest.approx(integral_var, rel=1e-12)
     assert se["kl_prior"] > 0

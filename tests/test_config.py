@@ -60,7 +60,8 @@ def test_missing_file_is_named():
     ("- a\n- b\n", r"top level must be a mapping"),
     ("train: {lr: -1.0}\n", r"train.lr must be > 0"),
     ("data: {kind: imagefolder}\n", r"data.data_dir is required"),
-    ("data: {kind: imagefolder, data_dir: /no/such/dir}\nmodel: {kind: unet}\n", r"data.data_dir '/no/such/dir' is not a directory"),
+    ("data: {kind: imagefolder, data_dir: /no/such/dir}\nmodel: {kind: unet}\n",
+     r"data.data_dir '/no/such/dir' is not a directory"),
     ("data: {kind: digits}\n", r"model.kind='mlp' needs toy data"),
 ])
 def test_bad_files_fail_with_key_and_expectation(tmp_path, text, pattern):

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from gradscore_train.config import DataConfig
-from gradscore_train.data import BatchPlan, DataError, TensorSource, ToySource, build_source, images_from_dataset, toy_mixture
+from gradscore_train.data import (
+    BatchPlan,
+    DataError,
+    TensorSource,
+    ToySource,
+    build_source,
+    images_from_dataset,
+    toy_mixture,
+)
 
 
 def test_random_mixture_in_5d_has_the_exact_density():
@@ -74,7 +82,8 @@ def test_batch_plan_walks_epochs_and_ignores_the_split():
 
 
 def test_datasets_imagefolder_and_in_memory_sets(tmp_path):
-    from datasets import Dataset, Image as ImageFeature
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
     from PIL import Image
 
     for c in ("a", "b"):

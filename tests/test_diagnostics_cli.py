@@ -1,4 +1,5 @@
-"""``python -m gradscore_train.diagnose`` end to end: a tiny toy run trained for a few steps, then the CLI's ``main``."""
+"""``python -m gradscore_train.diagnose`` end to end: a tiny toy run trained for a few steps, then the CLI's
+``main``."""
 import json
 
 from gradscore_train.diagnose import main as diagnose_main

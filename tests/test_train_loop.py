@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["train.checkpoint_every=0", "train.warmup_steps=2", "eval.num_samples=16", "eval.sample_steps=2",
         "eval.diag_samples=16", "eval.diag_times=[0.5]", "eval.quality=false", "train.log_every=1"]
 TOY = ["train.batch_size=16", "model.hidden=32", "model.depth=2", "critic.hidden=32", "critic.depth=2"]
-DIGITS = ["train.batch_size=16", "data.max_images=40", "model.block_out_channels=[16,32]", "critic.block_out_channels=[8,16]"]
+DIGITS = ["train.batch_size=16", "data.max_images=40", "model.block_out_channels=[16,32]",
+          "critic.block_out_channels=[8,16]"]
 
 
 def cfg_for(kind, objective, *extra):
@@ -81,12 +82,14 @@ def test_nan_guard_stops_with_step_and_term_and_keeps_checkpoint(tmp_path, monke
     import gradscore_train.loop as loop
 
     real = loop.objective_from_config
-    monkeypatch.setattr(loop, "objective_from_config", lambda cfg, sde, critic=None: _NaNAfter(real(cfg, sde, critic), 4))
+    monkeypatch.setattr(loop, "objective_from_config",
+                        lambda cfg, sde, critic=None: _NaNAfter(real(cfg, sde, critic), 4))
     cfg = cfg_for("toy", "l2", "train.checkpoint_every=2", "train.keep_checkpoints=5")
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss term 'l2' at step 5 .*step-0000004"):
         run(cfg, str(tmp_path), max_steps=10, progress=False)
     ck = latest_checkpoint(str(tmp_path))
-    assert read_step(ck) == 4 and [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["step-0000002", "step-0000004"]
+    assert read_step(ck) == 4
+    assert [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["step-0000002", "step-0000004"]
     w = load_file(os.path.join(ck, "score_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values())
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
@@ -135,25 +138,28 @@ def test_cifar10_config_on_generated_imagefolder(tmp_path):
     _write_imagefolder(tmp_path / "images")
     cfg = load_config(os.path.join(ROOT, "configs", "cifar10", "l2.yaml"), FAST + [
         "data.kind=imagefolder", f"data.data_dir={tmp_path / 'images'}", "data.resolution=8", "data.image_column=null",
-        "data.label_column=null", "model.block_out_channels=[32,32]", "model.norm_num_groups=8", "model.layers_per_block=1",
-        "train.batch_size=4", "eval.quality=true", f"eval.classifier_cache={tmp_path / 'cls'}"])
+        "data.label_column=null", "model.block_out_channels=[32,32]", "model.norm_num_groups=8",
+        "model.layers_per_block=1", "train.batch_size=4", "eval.quality=true",
+        f"eval.classifier_cache={tmp_path / 'cls'}"])
     out = run(cfg, str(tmp_path / "run"), max_steps=2, progress=False)
     assert out["step"] == 2 and "quality/classifier_fd" in out
 
 
 def test_cli_runs_and_reports_config_errors(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run([sys.executable, "-m", "gradscore_train.train", "--config", "configs/toy/nope.yaml"], cwd=ROOT, env=env,
+    train = [sys.executable, "-m", "gradscore_train.train"]
+    bad = subprocess.run([*train, "--config", "configs/toy/nope.yaml"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "configs/toy/nope.yaml" in bad.stderr and "does not exist" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "gradscore_train.train", "--config", "configs/toy/l2.yaml", "train.lrr=1"], cwd=ROOT,
+    bad = subprocess.run([*train, "--config", "configs/toy/l2.yaml", "train.lrr=1"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train.lrr" in bad.stderr
-    ok = subprocess.run([sys.executable, "-m", "gradscore_train.train", "--config", "configs/toy/l2.yaml", "--output-dir", str(tmp_path),
+    ok = subprocess.run([*train, "--config", "configs/toy/l2.yaml", "--output-dir", str(tmp_path),
                          "--max-steps", "2", "--no-progress", *FAST, *TOY], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert "final metrics" in ok.stdout and os.path.isfile(tmp_path / "checkpoints" / "step-0000002" / "score_model.safetensors")
+    assert "final metrics" in ok.stdout
+    assert os.path.isfile(tmp_path / "checkpoints" / "step-0000002" / "score_model.safetensors")
     assert os.path.isdir(tmp_path / "tensorboard") and os.path.isfile(tmp_path / "metrics.jsonl")
 
 

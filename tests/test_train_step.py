@@ -102,7 +102,8 @@ def test_guard_stops_on_an_infinite_gradient_with_a_finite_loss(tmp_path, monkey
     import gradscore_train.loop as loop
 
     real = loop.objective_from_config
-    monkeypatch.setattr(loop, "objective_from_config", lambda cfg, sde, critic=None: _InfGradientAfter(real(cfg, sde, critic), 3))
+    monkeypatch.setattr(loop, "objective_from_config",
+                        lambda cfg, sde, critic=None: _InfGradientAfter(real(cfg, sde, critic), 3))
     cfg = load_config(os.path.join(ROOT, "configs", "toy", "l2.yaml"),
                       ["train.checkpoint_every=0", "eval.quality=false", "train.batch_size=16", "model.hidden=16",
                        "model.depth=2"])

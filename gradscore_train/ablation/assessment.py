@@ -69,7 +69,8 @@ def assess(score_fn, sde, mixture, ac: AssessmentConfig, samples_path: str | Non
     g = torch.Generator().manual_seed(ac.seed + 2)
     x0 = mixture.sample(ac.num_data, generator=g)
     times = default_times(sde, ac.num_times)
-    features = GradientFeatures(x0.mean(0).double(), x0.std(0).double(), poly=True, num_rff=ac.num_features, seed=ac.seed)
+    features = GradientFeatures(x0.mean(0).double(), x0.std(0).double(), poly=True, num_rff=ac.num_features,
+                                seed=ac.seed)
     true = mixture.score_fn(sde)
     kl = kl_bounds(score_fn, sde, x0, times, true_score=true, log_prob_T=lambda z: mixture.log_prob(z, sde.T, sde),
                    num_points=ac.num_points, generator=g, features=features)
@@ -156,19 +157,20 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
             step = read_step(ck)
             if step != final_step and not (st.enabled and st.intermediate_checkpoints):
                 continue
-            path = os.path.join(spec.run_dir, "assessment", f"{os.path.basename(ck)}-{key}.json")
+            folder, name = os.path.join(spec.run_dir, "assessment"), os.path.basename(ck)
+            samples = os.path.join(folder, f"samples-{name}-{key}.pt")
+            keep = samples if step == final_step else None                 # samples of the final checkpoint only
 
-            def compute(ck=ck, step=step, mixture=mixture):
+            def compute(spec=spec, ck=ck, mixture=mixture, folder=folder, keep=keep):
                 sde, model, _ = load_trained(spec.config, ck)
-                samples = os.path.join(spec.run_dir, "assessment", f"samples-{os.path.basename(ck)}-{key}.pt")
-                os.makedirs(os.path.dirname(samples), exist_ok=True)
-                return assess(model, sde, mixture, ac, samples_path=samples if step == final_step else None)
+                os.makedirs(folder, exist_ok=True)
+                return assess(model, sde, mixture, ac, samples_path=keep)
 
-            result = _cached(path, compute)
+            result = _cached(os.path.join(folder, f"{name}-{key}.json"), compute)
             result.update({"name": f"{spec.run_id} @ {step}", "family": "trained", "step": step})
             if step == final_step:
                 info["assessment"] = result
-                info["samples_path"] = os.path.join(spec.run_dir, "assessment", f"samples-{os.path.basename(ck)}-{key}.pt")
+                info["samples_path"] = samples
             if st.enabled:
                 population.append(result)
     if st.enabled and toy and ab.runs():

@@ -17,11 +17,12 @@ import itertools
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from ..config import Config, ConfigError, load_config, read_yaml, structured
 
-__all__ = ["Ablation", "AblationSchema", "LauncherConfig", "AssessmentConfig", "StudyConfig", "RunSpec", "load_ablation"]
+__all__ = ["Ablation", "AblationSchema", "LauncherConfig", "AssessmentConfig", "StudyConfig", "RunSpec",
+           "load_ablation"]
 
 
 @dataclass
@@ -34,7 +35,7 @@ class LauncherConfig:
     kind: Literal["inprocess", "subprocess", "accelerate"] = "inprocess"
     num_processes: int = 2          # accelerate
     parallel: int = 1               # subprocess: runs at once
-    threads: Optional[int] = None   # OMP/torch threads per run (None: leave as is)
+    threads: int | None = None   # OMP/torch threads per run (None: leave as is)
     extra_args: list[str] = field(default_factory=list)   # appended to `accelerate launch`
 
 
@@ -71,7 +72,7 @@ class StudyConfig:
 class AblationSchema:
     name: str = "ablation"
     base: str = "configs/toy/l2.yaml"          # training config every run starts from
-    output_dir: Optional[str] = None           # default runs/ablations/<name>
+    output_dir: str | None = None           # default runs/ablations/<name>
     objectives: dict = field(default_factory=lambda: {"l2": {}})   # name -> hparams ({} = defaults)
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: dict = field(default_factory=dict)   # dotted key -> value, applied to every run
@@ -140,10 +141,12 @@ class Ablation:
         runs = []
         for objective, hparams in s.objectives.items():
             if hparams is not None and not isinstance(hparams, dict):
-                raise ConfigError(f"{where}: objectives.{objective} must be a mapping of hyperparameters, got {hparams!r}")
+                raise ConfigError(f"{where}: objectives.{objective} must be a mapping of hyperparameters, "
+                                  f"got {hparams!r}")
             obj = [f"objective.name={json.dumps(objective)}", f"objective.hparams={json.dumps(hparams or {})}"]
             # a grid over objective.hparams.X applies to the objectives that have X; the others run once
-            mine = [k for k in keys if not (k.startswith("objective.hparams.") and k.split(".")[-1] not in _defaults(objective))]
+            mine = [k for k in keys
+                    if not (k.startswith("objective.hparams.") and k.split(".")[-1] not in _defaults(objective))]
             for values in itertools.product(*(s.grid[k] for k in mine)):
                 point = dict(zip(mine, values))
                 for seed in s.seeds:
@@ -156,7 +159,8 @@ class Ablation:
                         raise ConfigError(f"{where}: run {objective} {point or ''} seed {seed}: {e}") from None
                     parts = [objective] + [f"{k.split('.')[-1]}={v}" for k, v in point.items()] + [f"seed-{seed}"]
                     run_id = "/".join(parts)
-                    runs.append(RunSpec(run_id, objective, int(seed), point, cfg, os.path.join(self.output_dir, "runs", *parts)))
+                    run_dir = os.path.join(self.output_dir, "runs", *parts)
+                    runs.append(RunSpec(run_id, objective, int(seed), point, cfg, run_dir))
         return runs
 
     def runs(self) -> list[RunSpec]:

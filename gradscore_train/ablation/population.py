@@ -11,8 +11,8 @@ With ``s = grad log p_t`` the exact score of a mixture (docs/theory.md §3, §8)
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
