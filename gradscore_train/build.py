@@ -134,7 +134,12 @@ def _load_weights(model: nn.Module, ckpt: str, use_ema: bool) -> str:
     path = os.path.join(ckpt, "score_model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{ckpt!r} has no score_model.safetensors")
-    model.load_state_dict(load_file(path))
+    try:
+        model.load_state_dict(load_file(path))
+    except RuntimeError as e:          # missing or unexpected keys, size mismatches: not the config's model
+        detail, own = " ".join(str(e).split())[:300], os.path.join(ckpt, "config.yaml")
+        raise ConfigError(f"{path} does not fit the model the config builds (was it trained with another config or "
+                          f"overrides? its own config is {own}): {detail}") from None
     ema_path = os.path.join(ckpt, "ema.safetensors")
     if use_ema and os.path.isfile(ema_path):
         shadow = load_file(ema_path)

@@ -41,3 +41,22 @@ def test_cli_names_a_missing_checkpoint_in_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "/nonexistent/run" in err and "Traceback" not in err
+
+
+def test_cli_names_a_checkpoint_that_does_not_fit_the_config(tmp_path, capsys):
+    """A checkpoint trained with other overrides (a narrower MLP) than the config given: exit code 2 and
+    one message naming the checkpoint's weights and its own config.yaml, not a state-dict traceback."""
+    import pytest
+
+    from gradscore_train.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--config", "configs/toy/l2.yaml", "--output-dir", str(run), "--max-steps", "1", "--no-progress",
+                       "model.hidden=16", "train.batch_size=16", "eval.quality=false", "eval.num_samples=8",
+                       "eval.sample_steps=2", "eval.diag_samples=16", "eval.diag_times=[0.5]"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        diagnose_main(["--config", "configs/toy/l2.yaml", "--checkpoint", str(run)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "score_model.safetensors does not fit the model" in err and "config.yaml" in err and "Traceback" not in err
