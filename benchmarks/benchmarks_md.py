@@ -122,13 +122,15 @@ def _limits(results) -> str:
 
 
 CRITIC_CAPACITY = (
-    "Does the toy need a big critic? `python -m gradscore_train.ablate configs/ablations/toy_critic.yaml` (the `make demo` budget: "
-    "ring8, 1000 steps, 3 seeds; critic width 128 / 56 / 24 at depth 3 = 100% / 22% / 5.5% of the score MLP; measured "
-    "2026-11-22, 2 min 32 s): `l2+dual_sobolev` gives energy distance 0.0114 at every width (+- 0.0006 to 0.0009; "
-    "L2 in `make demo`: 0.0114) at 4.68 / 3.57 / 3.23 ms per driver step (L2 in `make demo`: 1.67 ms), so "
-    "`configs/toy/l2+dual_sobolev.yaml` now uses the 5.5% critic. `dual_sobolev` alone, whose only signal is the "
-    "critic, degrades as the critic shrinks: 0.0158 +- 0.0020, 0.0188 +- 0.0024, 0.0338 +- 0.0073 at 20.1 / 15.1 / "
-    "13.1 ms per step (n_critic 5), so its config keeps the wide critic.")
+    'Does the toy need a big critic? `python -m gradscore_train.ablate configs/ablations/toy_critic.yaml` (the '
+    '`make demo` budget: ring8, 1000 steps, 3 seeds; critic width 128 / 56 / 24 at depth 3 = 100% / 22% / 5.5% of '
+    'the score MLP; quality re-measured 2026-11-24 with the score model and the critic clipped separately, 5 min '
+    '24 s on a shared machine): `l2+dual_sobolev` gives energy distance 0.0114 at every width (+- 0.0006; L2 in '
+    '`make demo`: 0.0114) at 4.68 / 3.57 / 3.23 ms per driver step (L2 in `make demo`: 1.67 ms; the step times '
+    'are from the 2026-11-22 run, with one clip of the joint norm, on a quieter machine), so '
+    '`configs/toy/l2+dual_sobolev.yaml` uses the 5.5% critic. `dual_sobolev` alone, whose only signal is the '
+    'critic, degrades as the critic shrinks: 0.0145 +- 0.0010, 0.0190 +- 0.0014, 0.0355 +- 0.0125 at 20.1 / 15.1 '
+    '/ 13.1 ms per step (n_critic 5; step times from the same earlier run), so its config keeps the wide critic.')
 
 
 def _toy_critic(results) -> str:
