@@ -1,4 +1,4 @@
-# Two commands: `make demo` and `make test`. Both create .venv and install with the committed
+# Two commands: `make demo` and `make test` (ruff, then the test suite). Both create .venv and install with the committed
 # CPU constraints (never let pip choose torch freely: a CUDA build is gigabytes).
 PYTHON ?= python3
 VENV   := .venv
@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 install: $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m train.ablate configs/ablations/toy.yaml
+	$(PY) -m gradscore_train.ablate configs/ablations/toy.yaml
 
 bench: install
 	$(PY) benchmarks/run.py

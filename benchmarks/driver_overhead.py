@@ -1,15 +1,15 @@
-"""Overhead of the training driver (``train.loop.run``) against bare PyTorch loops with the same
+"""Overhead of the training driver (``gradscore_train.loop.run``) against bare PyTorch loops with the same
 score model, objective, batch size and optimizer.
 
-The driver's per-step time is the wall time of ``train.loop.Trainer(config, ...).train()`` (the
-loop ``train.loop.run`` runs: accelerate, per-micro-batch reseeding and batch drawing, clipping,
+The driver's per-step time is the wall time of ``gradscore_train.loop.Trainer(config, ...).train()`` (the
+loop ``gradscore_train.loop.run`` runs: accelerate, per-micro-batch reseeding and batch drawing, clipping,
 the non-finite guard, warm-up, EMA, logging) divided by its steps, with the Trainer built before
 the clock starts and its end-of-run evaluation and checkpoint writing replaced by no-ops (they are
 not per-step costs). Two bare loops, written as a researcher would by hand:
 
 * ``recipe``: the same training recipe as the driver, plainly: draw a fresh batch from the data
   source, ``zero_grad; loss.backward()``, ``clip_grad_norm_`` (when the config clips), the same
-  AdamW (``train.loop.make_optimizer``), an EMA of the weights (``torch._foreach_lerp_``). The
+  AdamW (``gradscore_train.loop.make_optimizer``), an EMA of the weights (``torch._foreach_lerp_``). The
   driver's overhead is measured against this loop: the same arithmetic, without the machinery.
 * ``minimal``: ``zero_grad; loss.backward(); opt.step()`` on batches drawn beforehand: no EMA, no
   clipping, no data drawing (reported for reference: it does less work than the driver).
@@ -31,9 +31,15 @@ _OVERRIDES = ["train.checkpoint_every=0", "eval.sample_every=0", "eval.diagnose_
 
 
 def _bare_loop_seconds(cfg, steps: int, recipe: bool) -> float:
-    from train.build import build_critic, build_objective, build_score_model, build_sde, check_objective_config
-    from train.data import build_source
-    from train.loop import make_optimizer
+    from gradscore_train.build import (
+        build_critic,
+        build_score_model,
+        build_sde,
+        check_objective_config,
+        objective_from_config,
+    )
+    from gradscore_train.data import build_source
+    from gradscore_train.loop import make_optimizer
 
     spec = check_objective_config(cfg)
     source = build_source(cfg.data)
@@ -41,11 +47,13 @@ def _bare_loop_seconds(cfg, steps: int, recipe: bool) -> float:
     torch.manual_seed(cfg.train.seed)
     model = build_score_model(cfg, sde, source.shape, spec)
     critic = build_critic(cfg, sde, source.shape) if getattr(spec, "needs_critic", False) else None
-    objective = build_objective(cfg, sde, critic)
+    objective = objective_from_config(cfg, sde, critic)
     params = [*model.parameters(), *(objective.critic.parameters() if objective.critic is not None else [])]
     groups = [{"params": params, "lr": cfg.train.lr}]
-    opt = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay) if recipe else torch.optim.AdamW(groups, lr=cfg.train.lr,
-                                                                        weight_decay=cfg.train.weight_decay)
+    if recipe:
+        opt = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     weights = list(model.parameters())
     ema = [p.detach().clone() for p in weights]
     g = torch.Generator().manual_seed(0)
@@ -69,7 +77,7 @@ def _driver_seconds(cfg, steps: int) -> float:
     and checkpoint writing it does at the end are replaced by no-ops for the measurement."""
     import copy
 
-    from train import loop
+    from gradscore_train import loop
 
     cfg = copy.deepcopy(cfg)
     cfg.train.max_steps = steps
@@ -91,10 +99,10 @@ def _driver_seconds(cfg, steps: int) -> float:
 def run(config_path="configs/toy/l2.yaml", steps=100, repeats=3):
     """``{config, driver_ms, recipe_ms, minimal_ms, overhead, overhead_minimal}`` (per-step
     milliseconds; overhead = median over repeats of driver/recipe - 1, overhead_minimal likewise
-    against the minimal loop), or ``None`` when ``train.loop`` does not exist yet."""
+    against the minimal loop), or ``None`` when ``gradscore_train.loop`` does not exist yet."""
     try:
-        from train.config import load_config
-        import train.loop  # noqa: F401
+        import gradscore_train.loop  # noqa: F401
+        from gradscore_train.config import load_config
     except ImportError:
         return None
     import logging

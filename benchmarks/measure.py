@@ -27,7 +27,8 @@ import time
 
 import torch
 
-__all__ = ["interleaved_times", "paired_ratios", "saved_bytes", "peak_bytes", "pin_malloc", "step_flops", "op_count", "median"]
+__all__ = ["interleaved_times", "paired_ratios", "saved_bytes", "peak_bytes", "pin_malloc", "step_flops", "op_count",
+           "median"]
 
 
 def median(xs):

@@ -59,7 +59,8 @@ def run(seeds=(0, 1, 2)):
     data = mix.sample(8000, generator=torch.Generator().manual_seed(101))
     ladders = {
         "gradient_error (points of p_t at t=0.2)": (_gradient_error_metric, x0, (1024, 4096, 16384)),
-        f"energy distance (sampled points, {STEPS}-step SDE)": (_energy_distance_metric, data, (500, 1000, 2000, 4000, 8000)),
+        f"energy distance (sampled points, {STEPS}-step SDE)": (_energy_distance_metric, data,
+                                                                (500, 1000, 2000, 4000, 8000)),
     }
     rows = []
     for metric, (fn_metric, ref, budgets) in ladders.items():

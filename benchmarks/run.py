@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -23,13 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:                       # run as a script: import the repository's packages
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import measure  # noqa: E402
-from benchmarks.setups import Step, n_params, toy_case, toy_critic_sweep_case, unet_case, wide_critic_step  # noqa: E402
-from benchmarks import report  # noqa: E402
-
-import gradscore  # noqa: E402
+import gradscore
+from benchmarks import benchmarks_md, measure
+from benchmarks.setups import Step, n_params, toy_case, toy_critic_sweep_case, unet_case, wide_critic_step
 
 CASES = {
     "toy": dict(build=lambda names=None: toy_case(batch=512, names=names), rounds=(10, 30)),
@@ -95,8 +92,8 @@ def critic_sweep(batches=((512, 30), (4096, 12)), log=print):
         ref, ref_ops = measure.step_flops(steps["l2"].step), measure.op_count(steps["l2"].step)
         for label, share in shares.items():
             out.append(dict(batch=batch, critic=label.split(" critic ")[1], share=share, time_ratio=ratios[label],
-                            flop_ratio=measure.step_flops(steps[label].step) / ref, ops=measure.op_count(steps[label].step),
-                            l2_ops=ref_ops))
+                            flop_ratio=measure.step_flops(steps[label].step) / ref,
+                            ops=measure.op_count(steps[label].step), l2_ops=ref_ops))
         log(f"[critic sweep] batch {batch}: {rounds} rounds in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -127,7 +124,8 @@ def profile_split(case="unet16", names=("l2", "energy")):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy and 16x16 UNet timing only (< 1 min)")
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: robust on a shared machine)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads (default 1: robust on a shared machine)")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="report written by the full run")
     ap.add_argument("--case", default="unet16", choices=list(CASES), help="case of the final JSON line")
     args = ap.parse_args(argv)
@@ -149,18 +147,19 @@ def main(argv=None):
         results["profile"] = profile_split()
         from benchmarks import driver_overhead, quality_cost
 
-        log("[driver] train.loop vs bare loop")
+        log("[driver] gradscore_train.loop vs bare loop")
         os.chdir(ROOT)
-        results["driver"] = [d for d in (driver_overhead.run("configs/toy/l2.yaml", steps=300, repeats=5),
-                                         driver_overhead.run("configs/digits/l2.yaml", steps=30)) if d is not None] or None
+        driver = (driver_overhead.run("configs/toy/l2.yaml", steps=300, repeats=5),
+                  driver_overhead.run("configs/digits/l2.yaml", steps=30))
+        results["driver"] = [d for d in driver if d is not None] or None
         log("[quality] gradient_error vs energy distance")
         results["quality"] = quality_cost.run()
     results["seconds"] = time.perf_counter() - started
-    print(report.tables(results))
+    print(benchmarks_md.tables(results))
     if not args.quick:
         cmd = "python benchmarks/run.py" + (f" --threads {args.threads}" if args.threads != 1 else "")
         with open(args.out, "w") as f:
-            f.write(report.markdown(results, cmd))
+            f.write(benchmarks_md.markdown(results, cmd))
         log(f"wrote {args.out}")
     rows = results["cases"][args.case]["rows"]
     print(json.dumps({n: round(r["time_ratio"], 3) for n, r in rows.items() if "[" not in n}))

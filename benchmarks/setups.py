@@ -15,9 +15,10 @@ from torch import nn
 import gradscore
 import gradscore.double_backward
 from gradscore.nets import FourierTime
-from train.loop import make_optimizer
+from gradscore_train.loop import make_optimizer
 
-__all__ = ["Step", "toy_case", "toy_critic_sweep_case", "unet_case", "wide_critic_step", "ConvCritic", "make_unet", "n_params", "OBJECTIVE_NAMES"]
+__all__ = ["Step", "toy_case", "toy_critic_sweep_case", "unet_case", "wide_critic_step", "ConvCritic", "make_unet",
+           "n_params", "OBJECTIVE_NAMES"]
 
 
 def _objective_names():

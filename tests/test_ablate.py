@@ -1,5 +1,5 @@
-"""The ablation runner (train/ablate.py): validation, skip / resume, launchers, and the report on a
-tiny grid (2 objectives x 2 seeds, a few steps, tiny diagnostics).
+"""The ablation runner (gradscore_train.ablate and gradscore_train.ablation): validation, skip / resume,
+launchers, and the report on a tiny grid (2 objectives x 2 seeds, a few steps, tiny diagnostics).
 
 Resume oracle: the training loop reseeds every step from (seed, step), so a run interrupted after its
 first checkpoint and resumed by the runner must end with exactly the weights of the uninterrupted run
@@ -15,10 +15,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from train.ablate import assess_all, main, train_all
-from train.ablation_config import load_ablation
-from train.config import ConfigError
-from train.report_md import write_report
+from gradscore_train.ablate import main
+from gradscore_train.ablation.assessment import assess_all
+from gradscore_train.ablation.config import load_ablation
+from gradscore_train.ablation.report import write_report
+from gradscore_train.ablation.runs import launch_command, train_all
+from gradscore_train.config import ConfigError
 
 TINY = {
     "name": "tiny",
@@ -28,7 +30,7 @@ TINY = {
     "overrides": {"train.max_steps": 6, "train.checkpoint_every": 3, "train.batch_size": 64, "model.hidden": 16,
                   "model.depth": 2, "eval.num_samples": 20, "eval.sample_steps": 5, "eval.diag_times": []},
     "launcher": {"kind": "inprocess", "threads": 1},
-    "evaluate": {"num_samples": 100, "sample_steps": 20, "num_data": 32, "num_points": 256, "num_times": 3,
+    "assessment": {"num_samples": 100, "sample_steps": 20, "num_data": 32, "num_points": 256, "num_times": 3,
                  "num_features": 8, "siem_particles": 50, "siem_steps": 20},
     "study": {"rotations": [2.0], "gradient_errors": [0.5], "combinations": [[0.5, 2.0]], "bootstrap": 50},
 }
@@ -49,7 +51,7 @@ def _write(tmp_path, **changes):
 @pytest.mark.parametrize("change, named", [
     ({"objectivs": ["l2"]}, "objectivs"),
     ({"launcher": {"kind": "inprocess", "paralel": 2}}, "launcher.paralel"),
-    ({"evaluate": {"num_samplez": 3}}, "evaluate.num_samplez"),
+    ({"assessment": {"num_samplez": 3}}, "assessment.num_samplez"),
     ({"objectives": {"l3": {}}}, "l3"),
     ({"objectives": {"l2": {"weightin": "sigma2"}}}, "weightin"),
     ({"overrides": {"train.max_stepz": 3}}, "train.max_stepz"),
@@ -84,7 +86,8 @@ def test_grid_crosses_hyperparameters_with_the_objectives_that_have_them(tmp_pat
     ab = load_ablation(_write(tmp_path, objectives={"l2": {}, "l2+dual_sobolev": {}},
                               grid={"objective.hparams.l2_weight": [0.5, 2.0]}))
     ids = [r.run_id for r in ab.runs()]
-    assert ids == ["l2/seed-0", "l2/seed-1", "l2+dual_sobolev/l2_weight=0.5/seed-0", "l2+dual_sobolev/l2_weight=0.5/seed-1",
+    assert ids == ["l2/seed-0", "l2/seed-1",
+                   "l2+dual_sobolev/l2_weight=0.5/seed-0", "l2+dual_sobolev/l2_weight=0.5/seed-1",
                    "l2+dual_sobolev/l2_weight=2.0/seed-0", "l2+dual_sobolev/l2_weight=2.0/seed-1"]
     assert ab.run("l2+dual_sobolev/l2_weight=2.0/seed-1").config.objective.hparams == {"l2_weight": 2.0}
 
@@ -132,7 +135,7 @@ def test_tiny_grid_skip_resume_and_report(tmp_path, capsys):
     for png in ("samples.png", "decomposition.png", "kl_vs_quality.png", "correlation.png"):
         assert os.path.getsize(os.path.join(ab.output_dir, png)) > 1000, png
     ed = [r["assessment"]["quality"]["energy_distance"] for r in results["runs"] if r["objective"] == "l2"]
-    from train.report_md import fmt_mean_std
+    from gradscore_train.ablation.report import fmt_mean_std
     assert f"| l2 | 2/2 | {fmt_mean_std(ed)} |" in text
     assert "Spearman" in table
 
@@ -153,11 +156,12 @@ def test_subprocess_launcher_trains_and_skips(tmp_path):
 
 def test_accelerate_launcher_command(tmp_path):
     # the launch itself (2 gloo processes on CPU) was checked by hand; here: the command line it runs
-    from train.ablate import _launch_command
-    ab = load_ablation(_write(tmp_path, launcher={"kind": "accelerate", "num_processes": 3, "extra_args": ["--main_process_port", "0"]}))
-    cmd = _launch_command(ab, ab.run("l2/seed-0"))
+    launcher = {"kind": "accelerate", "num_processes": 3, "extra_args": ["--main_process_port", "0"]}
+    ab = load_ablation(_write(tmp_path, launcher=launcher))
+    cmd = launch_command(ab, ab.run("l2/seed-0"))
     assert cmd[1:5] == ["launch", "--multi_gpu", "--num_processes", "3"]
-    assert cmd[-7:] == ["--main_process_port", "0", "-m", "train.ablate", os.path.abspath(ab.path), "--run-one", "l2/seed-0"]
+    assert cmd[-7:] == ["--main_process_port", "0", "-m", "gradscore_train.ablate", os.path.abspath(ab.path),
+                        "--run-one", "l2/seed-0"]
 
 
 def test_critic_capacity_ablation_varies_only_the_critic():
@@ -179,3 +183,30 @@ def test_critic_capacity_ablation_varies_only_the_critic():
     share = {h: n(TimeMLP(2, h, 3, out_dim=1)) / score for h in (128, 56, 24)}
     assert share[128] == pytest.approx(1.0, abs=0.01)
     assert share[56] == pytest.approx(0.22, abs=0.005) and share[24] == pytest.approx(0.055, abs=0.003)
+
+
+def test_assessment_keeps_the_prior_term_and_its_stderr_apart():
+    """Oracle (docs/theory.md §4): each KL bound is the prior term plus the trapezoid integral of
+    ``g(t)^2 / 2`` times the squared error, and the standard errors of independent parts add in
+    quadrature. So from the assessment's own per-time L2 errors, ``kl_girsanov - kl_prior`` and
+    ``stderr.kl_girsanov^2 - stderr.kl_prior^2`` are determined; they hold to float64 rounding (1e-12
+    relative) only if ``kl_prior`` is the prior's value and ``stderr.kl_prior`` its standard error. The
+    score: the exact one of a 2-D mixture plus a zero-effect rotation (large L2 error)."""
+    import gradscore as gs
+    from gradscore.diagnostics import default_times
+    from gradscore.diagnostics.kl import trapezoid_weights
+    from gradscore_train.ablation.assessment import assess
+    from gradscore_train.ablation.config import AssessmentConfig
+
+    sde, mixture = gs.VPSDE(), gs.toy.GaussianMixture.preset("pair")
+    ac = AssessmentConfig(**TINY["assessment"])
+    out = assess(gs.toy.add_zero_effect(mixture.score_fn(sde), 2.0), sde, mixture, ac)
+    times = default_times(sde, ac.num_times)
+    w_half_g2 = trapezoid_weights(times) * 0.5 * sde.g2(times).to(torch.float64)
+    l2 = torch.tensor([r["l2"] for r in out["per_time"]], dtype=torch.float64)
+    l2_se = torch.tensor([r["l2_stderr"] for r in out["per_time"]], dtype=torch.float64)
+    integral, integral_var = float((w_half_g2 * l2).sum()), float(((w_half_g2 * l2_se) ** 2).sum())
+    assert out["predictors"]["kl_girsanov"] - out["kl_prior"] == pytest.approx(integral, rel=1e-12)
+    se = out["stderr"]
+    assert se["kl_girsanov"] ** 2 - se["kl_prior"] ** 2 == pytest.approx(integral_var, rel=1e-12)
+    assert se["kl_prior"] > 0

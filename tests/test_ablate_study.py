@@ -1,4 +1,4 @@
-"""Spearman correlation and its bootstrap interval (train/study.py) against scipy.stats.
+"""Spearman correlation and its bootstrap interval (gradscore_train/ablation/study.py) against scipy.stats.
 
 Oracle: ``scipy.stats.spearmanr`` (Pearson correlation of average ranks);
 the bootstrap interval is recomputed with scipy on the same resampled indices. Tolerance 1e-12:
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from train.study import bootstrap_ci, correlation_table, spearman
+from gradscore_train.ablation.study import bootstrap_ci, correlation_table, spearman
 
 
 @pytest.mark.parametrize("n", [3, 7, 50])

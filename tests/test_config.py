@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from train.build import check_objective_config
-from train.config import ConfigError, load_config
+from gradscore_train.build import check_objective_config
+from gradscore_train.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,8 @@ def test_missing_file_is_named():
     ("- a\n- b\n", r"top level must be a mapping"),
     ("train: {lr: -1.0}\n", r"train.lr must be > 0"),
     ("data: {kind: imagefolder}\n", r"data.data_dir is required"),
-    ("data: {kind: imagefolder, data_dir: /no/such/dir}\nmodel: {kind: unet}\n", r"data.data_dir '/no/such/dir' is not a directory"),
+    ("data: {kind: imagefolder, data_dir: /no/such/dir}\nmodel: {kind: unet}\n",
+     r"data.data_dir '/no/such/dir' is not a directory"),
     ("data: {kind: digits}\n", r"model.kind='mlp' needs toy data"),
 ])
 def test_bad_files_fail_with_key_and_expectation(tmp_path, text, pattern):
@@ -100,3 +101,15 @@ def test_objective_hparams_checked_against_the_registry():
     with pytest.raises(ConfigError, match=r"n_critic must be int"):
         check_objective_config(load_config(os.path.join(ROOT, "configs", "toy", "dual_sobolev.yaml"),
                                            ["objective.hparams.n_critic=two"]))
+
+
+def test_yaml_12_scalars_and_section_merging(tmp_path):
+    """Values are read with YAML 1.2 rules: a bare ``no`` is the string 'no' (YAML 1.1 would make it
+    False, which is not one of mixed_precision's choices), ``1e-3`` is a float even inside a free-form
+    mapping (YAML 1.1 reads it as a string); a section given as a mapping merges into the file's."""
+    path = write(tmp_path, "train: {mixed_precision: no, lr: 1e-3, max_steps: 9}\n"
+                           "objective: {name: l2+dual_sobolev, hparams: {l2_weight: 5e-1}}\n")
+    cfg = load_config(path, ["train={lr: 2e-3}"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.lr == 2e-3 and cfg.train.max_steps == 9
+    assert cfg.objective.hparams == {"l2_weight": 0.5} and isinstance(cfg.objective.hparams["l2_weight"], float)
+    assert cfg.source == path

@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from train.config import DataConfig
-from train.data import BatchPlan, DataError, TensorSource, ToySource, build_source, images_from_dataset, toy_mixture
+from gradscore_train.config import DataConfig
+from gradscore_train.data import (
+    BatchPlan,
+    DataError,
+    TensorSource,
+    ToySource,
+    build_source,
+    images_from_dataset,
+    toy_mixture,
+)
 
 
 def test_random_mixture_in_5d_has_the_exact_density():
@@ -19,6 +27,17 @@ def test_random_mixture_in_5d_has_the_exact_density():
     exact = -((x - mu) ** 2).sum(1) / (2 * 0.09) - 5 * math.log(0.3) - 2.5 * math.log(2 * math.pi)
     torch.testing.assert_close(mix.log_prob(x), exact, rtol=0, atol=1e-10)
     assert ToySource(toy_mixture(DataConfig(preset="random", dim=7, components=3))).shape == (7,)
+
+
+@pytest.mark.parametrize("dim", [2, 8, 32])
+def test_random_mixture_means_have_the_documented_spread(dim):
+    """data.spread (config comment): means ~ spread * N(0, I) scaled by sqrt(2 / dim) above 2-D, so
+    E|mean|^2 = 2 spread^2 in every dimension. Oracle: |mean|^2 / (2 spread^2) ~ chi2_dim / dim, whose
+    average over 4000 components has standard deviation sqrt(2 / (dim 4000)) <= 0.016: tolerance 0.06."""
+    spread = 1.5
+    mix = toy_mixture(DataConfig(preset="random", dim=dim, components=4000, spread=spread))
+    ratio = float((mix.means.double() ** 2).sum(1).mean()) / (2 * spread**2)
+    assert ratio == pytest.approx(1.0, abs=0.06)
 
 
 def test_preset_dimension_mismatch_is_explained():
@@ -63,7 +82,8 @@ def test_batch_plan_walks_epochs_and_ignores_the_split():
 
 
 def test_datasets_imagefolder_and_in_memory_sets(tmp_path):
-    from datasets import Dataset, Image as ImageFeature
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
     from PIL import Image
 
     for c in ("a", "b"):

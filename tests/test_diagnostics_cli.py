@@ -1,11 +1,12 @@
-"""``python -m gradscore.diagnose`` end to end: a tiny toy run trained for a few steps, then the CLI's ``main``."""
+"""``python -m gradscore_train.diagnose`` end to end: a tiny toy run trained for a few steps, then the CLI's
+``main``."""
 import json
 
-from gradscore.diagnose import main as diagnose_main
+from gradscore_train.diagnose import main as diagnose_main
 
 
-def test_cli_on_tiny_trained_toy(tmp_path):
-    from train.train import main as train_main
+def test_cli_on_tiny_trained_toy(tmp_path, capsys):
+    from gradscore_train.train import main as train_main
 
     run = tmp_path / "run"
     small = ["model.hidden=16", "model.depth=2", "train.batch_size=64", "train.warmup_steps=1",
@@ -13,8 +14,11 @@ def test_cli_on_tiny_trained_toy(tmp_path):
     assert train_main(["--config", "configs/toy/l2.yaml", "--output-dir", str(run), "--max-steps", "4",
                        "--no-progress", *small]) in (0, None)
     out = tmp_path / "diag"
-    res = diagnose_main(["--config", "configs/toy/l2.yaml", "--checkpoint", str(run), "--out", str(out),
-                         "--num-data", "256", "--num-times", "3", *small])
+    capsys.readouterr()
+    assert diagnose_main(["--config", "configs/toy/l2.yaml", "--checkpoint", str(run), "--out", str(out),
+                          "--num-data", "256", "--num-times", "3", *small]) == 0
+    printed = capsys.readouterr().out                       # the CLI prints the bounds it computed as JSON
+    res = {"bounds": json.loads(printed[: printed.rindex("}") + 1])}
     on_disk = json.loads((out / "diagnostics.json").read_text())
     assert on_disk["bounds"] == json.loads(json.dumps(res["bounds"]))
     assert len(on_disk["per_time"]) == 3 and on_disk["bounds"]["prior"]["kind"] == "exact"   # toy: exact log p_T
@@ -30,10 +34,29 @@ def test_cli_names_a_missing_checkpoint_in_one_line(capsys):
 
     import pytest
 
-    from gradscore.diagnose import main
+    from gradscore_train.diagnose import main
     with pytest.raises(SystemExit) as exit_info:
         config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "toy" / "l2.yaml"
         main(["--config", str(config), "--checkpoint", "/nonexistent/run"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "/nonexistent/run" in err and "Traceback" not in err
+
+
+def test_cli_names_a_checkpoint_that_does_not_fit_the_config(tmp_path, capsys):
+    """A checkpoint trained with other overrides (a narrower MLP) than the config given: exit code 2 and
+    one message naming the checkpoint's weights and its own config.yaml, not a state-dict traceback."""
+    import pytest
+
+    from gradscore_train.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--config", "configs/toy/l2.yaml", "--output-dir", str(run), "--max-steps", "1", "--no-progress",
+                       "model.hidden=16", "train.batch_size=16", "eval.quality=false", "eval.num_samples=8",
+                       "eval.sample_steps=2", "eval.diag_samples=16", "eval.diag_times=[0.5]"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        diagnose_main(["--config", "configs/toy/l2.yaml", "--checkpoint", str(run)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "score_model.safetensors does not fit the model" in err and "config.yaml" in err and "Traceback" not in err

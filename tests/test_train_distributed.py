@@ -25,11 +25,11 @@ CASES = [("toy", o) for o in ("l2", "energy", "dual_sobolev", "l2+dual_sobolev",
 
 
 def case_config(kind: str, objective: str, grad_accum: int):
-    from train.config import load_config
+    from gradscore_train.config import load_config
 
     common = ["train.batch_size=8", f"train.grad_accum={grad_accum}", "train.max_steps=3", "train.checkpoint_every=0",
-              "train.warmup_steps=0", "train.lr=1e-3", "eval.quality=false", "eval.num_samples=8", "eval.sample_steps=2",
-              "eval.diag_samples=16", "eval.diag_times=[0.5]", "train.mixed_precision=no"]
+              "train.warmup_steps=0", "train.lr=1e-3", "eval.quality=false", "eval.num_samples=8",
+              "eval.sample_steps=2", "eval.diag_samples=16", "eval.diag_times=[0.5]", "train.mixed_precision=no"]
     if kind == "digits":
         common += ["data.max_images=64", "model.block_out_channels=[16,32]", "critic.block_out_channels=[8,16]"]
     else:
@@ -39,7 +39,7 @@ def case_config(kind: str, objective: str, grad_accum: int):
 
 def train_case(kind, objective, grad_accum, out_root):
     """Train one case; returns (process index, flat parameters of score model and critic)."""
-    from train.loop import Trainer
+    from gradscore_train.loop import Trainer
 
     tr = Trainer(case_config(kind, objective, grad_accum), os.path.join(out_root, f"{kind}-{objective}"), None, False)
     tr.train()
@@ -53,9 +53,9 @@ def train_case(kind, objective, grad_accum, out_root):
 @pytest.mark.slow
 def test_two_processes_match_each_other_and_one_process(tmp_path, free_port):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port),
-           os.path.abspath(__file__), str(out)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port), os.path.abspath(__file__), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -74,14 +74,17 @@ if __name__ == "__main__":   # run under accelerate launch by the test above
     out_root = sys.argv[1]
     os.makedirs(out_root, exist_ok=True)
     for kind, objective in CASES:
-        from train.build import build_score_model, build_sde, check_objective_config, build_critic
+        from gradscore_train.build import build_critic, build_score_model, build_sde, check_objective_config
         rank, flat = train_case(kind, objective, 1, out_root)
         torch.save(flat, os.path.join(out_root, f"{kind}-{objective}-rank{rank}.pt"))
         if rank == 0:   # the initial weights, to check training moved them
-            from train.data import build_source
+            from gradscore_train.data import build_source
             cfg = case_config(kind, objective, 1)
             spec, sde, src = check_objective_config(cfg), build_sde(cfg), build_source(cfg.data)
             torch.manual_seed(cfg.train.seed)
             m = build_score_model(cfg, sde, src.shape, spec)
-            ps = list(m.parameters()) + (list(build_critic(cfg, sde, src.shape).parameters()) if spec.needs_critic else [])
-            torch.save(torch.cat([p.detach().flatten() for p in ps]), os.path.join(out_root, f"{kind}-{objective}-init.pt"))
+            ps = list(m.parameters())
+            if spec.needs_critic:
+                ps += list(build_critic(cfg, sde, src.shape).parameters())
+            torch.save(torch.cat([p.detach().flatten() for p in ps]),
+                       os.path.join(out_root, f"{kind}-{objective}-init.pt"))

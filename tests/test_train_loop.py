@@ -16,15 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.checkpoint import checkpoint_dirs, latest_checkpoint, read_step
-from train.config import load_config
-from train.loop import NonFiniteLoss, run
+from gradscore_train.checkpoint import checkpoint_dirs, latest_checkpoint, read_step
+from gradscore_train.config import load_config
+from gradscore_train.loop import NonFiniteLoss, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["train.checkpoint_every=0", "train.warmup_steps=2", "eval.num_samples=16", "eval.sample_steps=2",
         "eval.diag_samples=16", "eval.diag_times=[0.5]", "eval.quality=false", "train.log_every=1"]
 TOY = ["train.batch_size=16", "model.hidden=32", "model.depth=2", "critic.hidden=32", "critic.depth=2"]
-DIGITS = ["train.batch_size=16", "data.max_images=40", "model.block_out_channels=[16,32]", "critic.block_out_channels=[8,16]"]
+DIGITS = ["train.batch_size=16", "data.max_images=40", "model.block_out_channels=[16,32]",
+          "critic.block_out_channels=[8,16]"]
 
 
 def cfg_for(kind, objective, *extra):
@@ -78,20 +79,22 @@ class _NaNAfter:
 
 
 def test_nan_guard_stops_with_step_and_term_and_keeps_checkpoint(tmp_path, monkeypatch):
-    import train.loop as loop
+    import gradscore_train.loop as loop
 
-    real = loop.build_objective
-    monkeypatch.setattr(loop, "build_objective", lambda cfg, sde, critic=None: _NaNAfter(real(cfg, sde, critic), 4))
+    real = loop.objective_from_config
+    monkeypatch.setattr(loop, "objective_from_config",
+                        lambda cfg, sde, critic=None: _NaNAfter(real(cfg, sde, critic), 4))
     cfg = cfg_for("toy", "l2", "train.checkpoint_every=2", "train.keep_checkpoints=5")
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss term 'l2' at step 5 .*step-0000004"):
         run(cfg, str(tmp_path), max_steps=10, progress=False)
     ck = latest_checkpoint(str(tmp_path))
-    assert read_step(ck) == 4 and [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["step-0000002", "step-0000004"]
+    assert read_step(ck) == 4
+    assert [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["step-0000002", "step-0000004"]
     w = load_file(os.path.join(ck, "score_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values())
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
     # the intact checkpoint resumes (with the real objective)
-    monkeypatch.setattr(loop, "build_objective", real)
+    monkeypatch.setattr(loop, "objective_from_config", real)
     out = run(cfg, str(tmp_path), max_steps=6, resume="latest", progress=False)
     assert out["step"] == 6 and out["train/loss"] == out["train/loss"]
 
@@ -135,37 +138,41 @@ def test_cifar10_config_on_generated_imagefolder(tmp_path):
     _write_imagefolder(tmp_path / "images")
     cfg = load_config(os.path.join(ROOT, "configs", "cifar10", "l2.yaml"), FAST + [
         "data.kind=imagefolder", f"data.data_dir={tmp_path / 'images'}", "data.resolution=8", "data.image_column=null",
-        "data.label_column=null", "model.block_out_channels=[32,32]", "model.norm_num_groups=8", "model.layers_per_block=1",
-        "train.batch_size=4", "eval.quality=true", f"eval.classifier_cache={tmp_path / 'cls'}"])
+        "data.label_column=null", "model.block_out_channels=[32,32]", "model.norm_num_groups=8",
+        "model.layers_per_block=1", "train.batch_size=4", "eval.quality=true",
+        f"eval.classifier_cache={tmp_path / 'cls'}"])
     out = run(cfg, str(tmp_path / "run"), max_steps=2, progress=False)
     assert out["step"] == 2 and "quality/classifier_fd" in out
 
 
 def test_cli_runs_and_reports_config_errors(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run([sys.executable, "train/train.py", "--config", "configs/toy/nope.yaml"], cwd=ROOT, env=env,
+    train = [sys.executable, "-m", "gradscore_train.train"]
+    bad = subprocess.run([*train, "--config", "configs/toy/nope.yaml"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "configs/toy/nope.yaml" in bad.stderr and "does not exist" in bad.stderr
-    bad = subprocess.run([sys.executable, "train/train.py", "--config", "configs/toy/l2.yaml", "train.lrr=1"], cwd=ROOT,
+    bad = subprocess.run([*train, "--config", "configs/toy/l2.yaml", "train.lrr=1"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train.lrr" in bad.stderr
-    ok = subprocess.run([sys.executable, "train/train.py", "--config", "configs/toy/l2.yaml", "--output-dir", str(tmp_path),
+    ok = subprocess.run([*train, "--config", "configs/toy/l2.yaml", "--output-dir", str(tmp_path),
                          "--max-steps", "2", "--no-progress", *FAST, *TOY], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert "final metrics" in ok.stdout and os.path.isfile(tmp_path / "checkpoints" / "step-0000002" / "score_model.safetensors")
+    assert "final metrics" in ok.stdout
+    assert os.path.isfile(tmp_path / "checkpoints" / "step-0000002" / "score_model.safetensors")
     assert os.path.isdir(tmp_path / "tensorboard") and os.path.isfile(tmp_path / "metrics.jsonl")
 
 
 def test_periodic_diagnostics_report_every_error_with_its_stderr():
-    """train.report.diagnose logs gradient, solenoidal and L2 errors. Oracle (THEORY 3, 8): for the exact
-    score plus a zero-effect rotation c J grad log p_t the gradient part is ~0 (within 4 stderr) while the
-    solenoidal part carries the L2 error (within 10%; the estimator runs at reduced size here)."""
+    """gradscore_train.evaluation.score_diagnostics logs gradient, solenoidal and L2 errors. Oracle
+    (docs/theory.md §3, §8): for the exact score plus a zero-effect rotation c J grad log p_t the gradient
+    part is ~0 (within 4 stderr) while the solenoidal part carries the L2 error (within 10%; the estimator
+    runs at reduced size here)."""
     import gradscore as gs
-    from train.report import diagnose
+    from gradscore_train.evaluation import score_diagnostics
     sde, mix = gs.VPSDE(), gs.toy.GaussianMixture.preset("pair")
     rotated = gs.toy.add_zero_effect(mix.score_fn(sde), 2.0)
-    out = diagnose(rotated, sde, mix.sample(1024, generator=torch.Generator().manual_seed(0)), [0.3],
+    out = score_diagnostics(rotated, sde, mix.sample(1024, generator=torch.Generator().manual_seed(0)), [0.3],
                    true_score=mix.score_fn(sde), generator=torch.Generator().manual_seed(1))
     names = ("gradient_error", "solenoidal_error", "l2_error")
     assert set(out) == {f"diag/{n}{s}/t=0.3" for n in names for s in ("", "_stderr")}

@@ -2,12 +2,14 @@
 
 * EMA: one ``torch._foreach_lerp_`` over cached lists against the per-parameter ``lerp_`` loop it
   replaced: bitwise (the same elementwise formula; tolerance 0).
-* AdamW: the fused kernel (``train.loop.make_optimizer``) against torch's default implementation,
+* AdamW: the fused kernel (``gradscore_train.loop.make_optimizer``) against torch's default implementation,
   same parameters and gradients, 20 steps: within 1e-6 relative (both evaluate Adam's update in
   float32 in a different operation order, so they may differ by a few ulps per step).
 * ``micro_seed``: deterministic, distinct over a run's (step, phase, micro-batch) grid, 63 bits.
 * The non-finite guard on the single-process path: a finite loss with an infinite gradient stops the
   run before the update and names the gradient norm.
+* The two players of the min-max (score model, critic) are clipped by their own gradient norms and
+  decayed by their own weight decay.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import pytest
 import torch
 
 from gradscore.nets import TimeMLP
-from train.config import load_config
-from train.data import micro_seed
-from train.ema import EMA
-from train.loop import NonFiniteLoss, make_optimizer, run
+from gradscore_train.config import load_config
+from gradscore_train.data import micro_seed
+from gradscore_train.ema import EMA
+from gradscore_train.loop import NonFiniteLoss, Trainer, make_optimizer, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,12 +99,64 @@ class _InfGradientAfter:
 
 
 def test_guard_stops_on_an_infinite_gradient_with_a_finite_loss(tmp_path, monkeypatch):
-    import train.loop as loop
+    import gradscore_train.loop as loop
 
-    real = loop.build_objective
-    monkeypatch.setattr(loop, "build_objective", lambda cfg, sde, critic=None: _InfGradientAfter(real(cfg, sde, critic), 3))
+    real = loop.objective_from_config
+    monkeypatch.setattr(loop, "objective_from_config",
+                        lambda cfg, sde, critic=None: _InfGradientAfter(real(cfg, sde, critic), 3))
     cfg = load_config(os.path.join(ROOT, "configs", "toy", "l2.yaml"),
                       ["train.checkpoint_every=0", "eval.quality=false", "train.batch_size=16", "model.hidden=16",
                        "model.depth=2"])
     with pytest.raises(NonFiniteLoss, match=r"non-finite gradient norm of loss term 'l2' at step 4"):
         run(cfg, str(tmp_path), max_steps=10, progress=False)
+
+
+def _set_gradients(params, norm: float, generator) -> list[torch.Tensor]:
+    grads = [torch.randn(p.shape, generator=generator) for p in params]
+    scale = norm / float(torch.cat([g.flatten() for g in grads]).norm())
+    for p, g in zip(params, grads):
+        p.grad = g * scale
+    return [p.grad.clone() for p in params]
+
+
+def _global_norm(tensors) -> float:
+    return float(torch.cat([t.flatten() for t in tensors]).norm())
+
+
+@pytest.mark.parametrize("critic_clip, critic_max_norm", [("critic.clip_grad=0.5", 0.5), (None, 2.0)])
+def test_score_model_and_critic_are_clipped_and_decayed_separately(tmp_path, critic_clip, critic_max_norm):
+    """Oracle: the score model's gradient norm (0.3) is below its threshold (train.clip_grad=2) and the
+    critic's (40) far above its own (critic.clip_grad, or train.clip_grad when unset). Clipped
+    separately, the score model's gradients stay bitwise as they were (a joint clip would have scaled
+    them by 2 / 40.001) and the critic's are scaled to exactly its threshold (float32 rounding: 1e-5
+    relative); the returned norms are the two norms before clipping. Weight decay is per parameter
+    group: train.weight_decay for the score model, critic.weight_decay (default 0) for the critic."""
+    overrides = ["train.clip_grad=2.0", "train.weight_decay=0.01", "model.hidden=16", "model.depth=2",
+                 "critic.hidden=8", "critic.depth=2", "eval.quality=false"] + ([critic_clip] if critic_clip else [])
+    cfg = load_config(os.path.join(ROOT, "configs", "toy", "l2+dual_sobolev.yaml"), overrides)
+    tr = Trainer(cfg, str(tmp_path), None, False)
+    assert [g["weight_decay"] for g in tr.opt.param_groups] == [0.01, 0.0]
+    score, critic = list(tr.model.parameters()), list(tr.critic.parameters())
+    g = torch.Generator().manual_seed(0)
+    score_before, critic_before = _set_gradients(score, 0.3, g), _set_gradients(critic, 40.0, g)
+    gn, gn_critic = tr.clip_gradients()
+    assert float(gn) == pytest.approx(0.3, rel=1e-5) and float(gn_critic) == pytest.approx(40.0, rel=1e-5)
+    assert all(torch.equal(p.grad, b) for p, b in zip(score, score_before))
+    assert _global_norm([p.grad for p in critic]) == pytest.approx(critic_max_norm, rel=1e-5)
+    ratio = torch.cat([(p.grad / b).flatten() for p, b in zip(critic, critic_before)])   # one common factor
+    assert torch.allclose(ratio, torch.full_like(ratio, critic_max_norm / 40.0), rtol=1e-5)
+
+
+def test_both_gradient_norms_are_logged(tmp_path):
+    """A critic objective logs the score model's and the critic's gradient norms, both finite and > 0."""
+    import json
+
+    cfg = load_config(os.path.join(ROOT, "configs", "toy", "l2+dual_sobolev.yaml"),
+                      ["model.hidden=16", "model.depth=2", "critic.hidden=8", "critic.depth=2", "train.batch_size=16",
+                       "train.log_every=1", "train.checkpoint_every=0", "eval.quality=false", "eval.num_samples=8",
+                       "eval.sample_steps=2", "eval.diag_samples=16", "eval.diag_times=[0.5]"])
+    run(cfg, str(tmp_path), max_steps=2, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "train/loss" in line]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 < r["train/grad_norm"] < float("inf") and 0 < r["train/critic_grad_norm"] < float("inf")

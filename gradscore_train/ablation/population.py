@@ -1,6 +1,6 @@
 """Deliberately perturbed exact scores: the controlled half of the correlation study's population.
 
-With ``s = grad log p_t`` the exact score of a mixture (THEORY 3, 8):
+With ``s = grad log p_t`` the exact score of a mixture (docs/theory.md §3, §8):
 
 * rotation ``c``:  ``s + c J s`` (``gradscore.toy.add_zero_effect``): L2 error ``c^2 E|s|^2``, zero
   effect on the exact continuous-time sampler (its error is purely solenoidal);
@@ -11,8 +11,8 @@ With ``s = grad log p_t`` the exact score of a mixture (THEORY 3, 8):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -1,23 +1,31 @@
-"""``python -m gradscore.diagnose --config CFG --checkpoint DIR [--out OUT]``: per-time decomposition of
-a trained model's score error (L2 = gradient + solenoidal) and both KL bounds, as JSON and a PNG.
+"""``python -m gradscore_train.diagnose --config CFG --checkpoint DIR [--out OUT]``: per-time decomposition
+of a trained model's score error (L2 = gradient + solenoidal) and both KL bounds, as JSON and a PNG.
 
-The library function behind it is ``gradscore.diagnostics.report.diagnose``; the training driver's
-``train.config.load_config`` and ``train.build.load_trained`` are imported only here, inside ``main``.
-For toy data (``data.kind: toy``) the mixture's exact score is used for the L2 error and its ``log p_T``
-for the prior term.
+The library function behind it is ``gradscore.diagnostics.diagnose``; this module adds what needs the
+driver: the config (``gradscore_train.config.load_config``) and the checkpoint
+(``gradscore_train.build.load_trained``). For toy data (``data.kind: toy``) the mixture's exact score is
+used for the L2 error and its ``log p_T`` for the prior term. Console script: ``gradscore-diagnose-run``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 
 import torch
 
+from gradscore.diagnostics import default_times, diagnose
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m gradscore.diagnose", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="experiment YAML (train/ schema)")
+from .build import load_trained
+from .config import ConfigError, load_config
+from .data import toy_mixture
+
+
+def main(argv=None) -> int:
+    """Run the CLI; returns 0 (a bad config or checkpoint exits with code 2 and one line naming it)."""
+    ap = argparse.ArgumentParser(prog="python -m gradscore_train.diagnose", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="experiment YAML (gradscore_train.config schema)")
     ap.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
     ap.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/diagnostics)")
     ap.add_argument("--num-data", type=int, default=4096, help="data samples x0 drawn from the training source")
@@ -25,11 +33,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
-
-    from train.build import load_trained
-    from train.config import ConfigError, load_config
-
-    from .diagnostics import default_times, diagnose
 
     try:                            # bad config or checkpoint: one line naming it, exit code 2
         cfg = load_config(args.config, overrides=tuple(args.overrides))
@@ -39,8 +42,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     x0 = sample_x0(args.num_data).float()
     true_score = log_prob_T = None
-    if getattr(cfg.data, "kind", None) == "toy":
-        from train.data import toy_mixture
+    if cfg.data.kind == "toy":
         mix = toy_mixture(cfg.data)
         true_score = mix.score_fn(sde)
         log_prob_T = lambda x: mix.log_prob(x, sde.T, sde)  # noqa: E731
@@ -50,8 +52,8 @@ def main(argv=None) -> dict:
                           log_prob_T=log_prob_T, generator=torch.Generator().manual_seed(args.seed))
     print(json.dumps(result["bounds"], indent=2))
     print(f"wrote {out}/diagnostics.json and {out}/diagnostics.png")
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

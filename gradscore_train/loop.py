@@ -2,7 +2,7 @@
 
 ``run(config, output_dir, resume=None, max_steps=None, progress=True) -> dict`` trains and returns
 the final metrics (also written to ``<output_dir>/final_metrics.json``). It is what
-``train/train.py`` calls and what an ablation runner should call.
+``python -m gradscore_train.train`` calls and what the ablation runner calls.
 
 Reproducibility: every micro-batch reseeds the random state from ``(seed, step, phase, j)`` with
 ``j = micro * num_processes + rank`` its index within the global batch, and draws its examples
@@ -12,8 +12,8 @@ global batch over processes or accumulation micro-batches draws the same example
 
 Per optimizer step: ``n_critic - 1`` critic-only steps (``objective.critic_loss``, score model
 unwrapped so its gradients stay local and are dropped), then the objective's step on score model and
-critic together; gradient clipping, a non-finite guard (before the update, agreed across ranks),
-the learning-rate warm-up and the EMA of the score model.
+critic together; gradient clipping (the score model's and the critic's norms separately), a non-finite
+guard (before the update, agreed across ranks), the learning-rate warm-up and the EMA of the score model.
 """
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ import time
 import torch
 import yaml
 
-from .build import build_critic, build_objective, build_score_model, build_sde, check_objective_config
+from . import evaluation
+from .build import build_critic, build_score_model, build_sde, check_objective_config, objective_from_config
 from .checkpoint import latest_checkpoint, read_step, resolve_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
 from .data import BatchPlan, build_source, micro_seed
 from .ema import EMA
 from .logbook import Logbook
-from . import report
 
 __all__ = ["run", "Trainer", "NonFiniteLoss", "resolve_mixed_precision", "make_optimizer"]
 
@@ -55,15 +55,18 @@ def _make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
     # cpu=True without CUDA: under `accelerate launch --multi_gpu` on CPU this is what makes the
-    # processes join one gloo group instead of each believing it is rank 0 of 1 (ENGINEERING.md).
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+    # processes join one gloo group instead of each believing it is rank 0 of 1
+    # (docs/engineering.md, "accelerate on CPU").
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                        gradient_accumulation_steps=cfg.train.grad_accum)
 
 
 def make_optimizer(groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW over ``groups``; the fused kernel where torch has one for these parameters (CPU and
-    CUDA floating point: one kernel for all tensors instead of a Python loop, 0.17 ms of a 2.4 ms toy
-    step on CPU, benchmarks/), else the default implementation."""
+    """AdamW over ``groups`` (a group's own ``weight_decay`` overrides ``weight_decay``); the fused
+    kernel where torch has one for these parameters (CPU and CUDA floating point: one kernel for all
+    tensors instead of a Python loop; BENCHMARKS.md, section "Training driver overhead"), else the default
+    implementation."""
     try:
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     except RuntimeError:
@@ -78,7 +81,8 @@ def seed_global_rng(seed: int, device: torch.device) -> None:
     """Seed the global generator the objectives draw ``t`` and noise from (``generator=None``).
 
     On CPU only the CPU generator is seeded: ``torch.manual_seed`` also queues a lazy CUDA seeding
-    (with a captured stack trace) on every call, which was 1.4 ms of a 6 ms toy step (benchmarks/)."""
+    (with a captured stack trace) on every call, a large part of a toy step
+    (BENCHMARKS.md, section "Training driver overhead")."""
     if device.type == "cpu":
         torch.random.default_generator.manual_seed(seed)
     else:
@@ -95,18 +99,22 @@ class Trainer:
         self.acc = acc = _make_accelerator(cfg)
         self.main = acc.is_main_process
         self.source = build_source(cfg.data)
-        self.plan = BatchPlan(self.source, cfg.train.batch_size, acc.num_processes * cfg.train.grad_accum, cfg.train.seed)
+        self.plan = BatchPlan(self.source, cfg.train.batch_size, acc.num_processes * cfg.train.grad_accum,
+                              cfg.train.seed)
         self.sde = build_sde(cfg)
         torch.manual_seed(cfg.train.seed)                       # identical initial weights on every rank
         model = build_score_model(cfg, self.sde, self.source.shape, self.spec)
         critic = build_critic(cfg, self.sde, self.source.shape) if self.spec.needs_critic else None
-        self.objective = build_objective(cfg, self.sde, critic)
+        self.objective = objective_from_config(cfg, self.sde, critic)
         critic = self.objective.critic
-        groups = [{"params": list(model.parameters()), "lr": cfg.train.lr}]
+        # the two players of the min-max are optimised side by side, not jointly: one parameter group
+        # each, with its own learning rate and weight decay, and its own gradient clipping (clip_gradients)
+        groups = [{"params": list(model.parameters()), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}]
         if critic is not None:
-            groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.train.lr})
+            groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.train.lr,
+                           "weight_decay": cfg.critic.weight_decay})
         self.base_lrs = [g["lr"] for g in groups]
-        opt = make_optimizer(groups, cfg.train.lr, cfg.train.weight_decay)
+        opt = make_optimizer(groups, cfg.train.lr)
         if critic is not None:
             self.model, self.critic, self.opt = acc.prepare(model, critic, opt)
             self.objective.critic = self.critic                   # the objective must use the prepared module
@@ -119,7 +127,11 @@ class Trainer:
         # wrappers only forward to torch there (see _clip, _optimizer_step)
         self._plain = acc.scaler is None and acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
                                                                        DistributedType.MULTI_GPU)
-        self._param_list = [*self.model.parameters(), *(self.critic.parameters() if self.critic is not None else [])]
+        critic_clip = cfg.train.clip_grad if cfg.critic.clip_grad is None else cfg.critic.clip_grad
+        self.max_grad_norms = (cfg.train.clip_grad or math.inf, critic_clip or math.inf)   # (score model, critic)
+        self._score_params = list(self.model.parameters())
+        self._critic_params = list(self.critic.parameters()) if self.critic is not None else []
+        self._zero_norm = torch.zeros((), device=acc.device)       # the norm of no gradients
         self._data_gen = torch.Generator()                      # reseeded for every micro-batch
         self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
         acc.register_for_checkpointing(self.ema)
@@ -138,7 +150,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------- one phase
     def _phase(self, step: int, phase: int, loss_fn, term: str):
-        """``grad_accum`` micro-batches then one optimizer step; returns ``(mean loss, grad norm)``."""
+        """``grad_accum`` micro-batches then one optimizer step; returns ``(mean loss, score-model grad
+        norm, critic grad norm)``, the norms before clipping."""
         acc, cfg = self.acc, self.cfg
         total = None
         models = [self.model] + ([self.critic] if self.critic is not None else [])
@@ -160,25 +173,40 @@ class Trainer:
                 total = part if total is None else total + part
                 if acc.sync_gradients:
                     if phase > 0:                                   # critic-only step: drop score-model gradients
-                        for p in self.model.parameters():
+                        for p in self._score_params:
                             p.grad = None
-                    params = [p for p in self._param_list if p.grad is not None]
-                    gn = self._clip(params, cfg.train.clip_grad or float("inf")) if params else torch.zeros(())
-                    gn = gn.float() if isinstance(gn, torch.Tensor) else torch.as_tensor(gn, device=acc.device).float()
-                    # one process: two scalar reads; several: every rank stops if any rank saw NaN/Inf
-                    if acc.num_processes > 1 or not (math.isfinite(total.item()) and math.isfinite(gn.item())):
-                        bad = torch.stack([total, gn]).isfinite().logical_not().float()
+                    gn, gn_critic = self.clip_gradients()
+                    checked = [total, gn] + ([gn_critic] if self.critic is not None else [])
+                    # one process: scalar reads; several: every rank stops if any rank saw NaN/Inf
+                    if acc.num_processes > 1 or not all(math.isfinite(v.item()) for v in checked):
+                        bad = torch.stack(checked).isfinite().logical_not().float()
                         if acc.num_processes > 1:
                             bad = acc.reduce(bad, "sum")
                         if bad.any():
-                            self._diverged(step, term, total, gn, bad)
+                            self._diverged(step, term, checked, bad)
                     self._optimizer_step()
-        return total, gn
+        return total, gn, gn_critic
+
+    def clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip the score model's and the critic's gradients separately, each by its own global norm
+        (``max_grad_norms``: ``train.clip_grad``, ``critic.clip_grad``), and return the two norms before
+        clipping (0 for a model without gradients). Clipping the joint norm would couple the players:
+        a large critic gradient would shrink the score model's step, and the other way round."""
+        norms = []
+        for params, max_norm in zip((self._score_params, self._critic_params), self.max_grad_norms):
+            params = [p for p in params if p.grad is not None]
+            if not params:
+                norms.append(self._zero_norm)
+                continue
+            gn = self._clip(params, max_norm)
+            gn = gn if isinstance(gn, torch.Tensor) else torch.as_tensor(gn, device=self.acc.device)
+            norms.append(gn.float())
+        return norms[0], norms[1]
 
     def _clip(self, params, max_norm: float):
         """Clip the gradients' global norm and return it. In plain data parallel without a loss scaler
-        accelerate's ``clip_grad_norm_`` is torch's after version and scaler checks (~20 us a step),
-        so torch's is called directly there; FSDP, DeepSpeed, XLA and fp16 go through accelerate."""
+        accelerate's ``clip_grad_norm_`` is torch's after version and scaler checks, so torch's is
+        called directly there; FSDP, DeepSpeed, XLA and fp16 go through accelerate."""
         if self._plain:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         return self.acc.clip_grad_norm_(params, max_norm)
@@ -186,8 +214,8 @@ class Trainer:
     def _optimizer_step(self):
         """``opt.step(); opt.zero_grad()``. In plain data parallel without a loss scaler accelerate's
         optimizer wrapper only forwards to the torch optimizer, after an uncached importlib lookup
-        each call (accelerate 1.15: ~0.1 ms per step, 4% of a toy step), so the torch optimizer is
-        called directly there."""
+        each call (accelerate 1.15; its cost: BENCHMARKS.md, section "Training driver overhead"), so the
+        torch optimizer is called directly there."""
         if self._plain:
             self.opt.optimizer.step()
             self.opt.optimizer.zero_grad(set_to_none=True)
@@ -195,9 +223,12 @@ class Trainer:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
 
-    def _diverged(self, step, term, total, gn, bad):
+    def _diverged(self, step, term, checked, bad):
         what = f"loss term {term!r}" if bad[0] > 0 else f"gradient norm of loss term {term!r}"
-        msg = (f"non-finite {what} at step {step + 1} (local loss {float(total):.4g}, grad norm {float(gn):.4g}); "
+        norms = f"grad norm {float(checked[1]):.4g}"
+        if len(checked) > 2:
+            norms += f", critic grad norm {float(checked[2]):.4g}"
+        msg = (f"non-finite {what} at step {step + 1} (local loss {float(checked[0]):.4g}, {norms}); "
                f"stopped before the update. Last good checkpoint: {self.last_checkpoint or 'none yet'}")
         if self.main:
             self.logbook.log(step, {"diverged": 1.0})
@@ -218,18 +249,19 @@ class Trainer:
         model = self._eval_model()
         if samples:
             n = cfg.eval.num_samples if final else min(cfg.eval.num_samples, 1000)
-            x = report.draw_samples(model, self.sde, self.source.shape, n, cfg.eval.method, cfg.eval.sample_steps,
+            x = evaluation.draw_samples(model, self.sde, self.source.shape, n, cfg.eval.method, cfg.eval.sample_steps,
                                     micro_seed(cfg.train.seed, step, 99), self.acc.device)
             os.makedirs(os.path.join(self.output_dir, "samples"), exist_ok=True)
             path = os.path.join(self.output_dir, "samples", f"step-{step:07d}.png")
             if len(self.source.shape) == 1:
                 data = self.source.sample_x0(n, generator=torch.Generator().manual_seed(1))
-                report.save_scatter(x, data, path, title=f"{cfg.objective.name}, step {step}")
+                evaluation.save_scatter(x, data, path, title=f"{cfg.objective.name}, step {step}")
             else:
-                report.save_grid(x, path)
+                evaluation.save_grid(x, path)
             self.logbook.image(step, "samples", path)
             if final and cfg.eval.quality:
-                out.update(report.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98), self.acc.device))
+                out.update(evaluation.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98),
+                                              self.acc.device))
             if final:
                 torch.save(x, os.path.join(self.output_dir, "samples", f"step-{step:07d}.pt"))
         if diagnostics:
@@ -237,7 +269,8 @@ class Trainer:
             x0 = self.source.sample_x0(cfg.eval.diag_samples, generator=g).to(self.acc.device)
             true = self.source.mixture.score_fn(self.sde) if hasattr(self.source, "mixture") else None
             g_dev = torch.Generator(device=self.acc.device).manual_seed(micro_seed(cfg.train.seed, step, 96))
-            out.update(report.diagnose(model, self.sde, x0, cfg.eval.diag_times, true_score=true, generator=g_dev))
+            out.update(evaluation.score_diagnostics(model, self.sde, x0, cfg.eval.diag_times, true_score=true,
+                                                    generator=g_dev))
         if out:
             self.logbook.log(step, out)
         return out
@@ -255,7 +288,7 @@ class Trainer:
         term = cfg.objective.name
         bar = tqdm(total=cfg.train.max_steps, initial=self.start_step, disable=not (self.main and self.progress),
                    desc=f"train {term}", dynamic_ncols=True)
-        loss = gn = torch.zeros(())
+        loss = gn = gn_critic = torch.zeros(())
         self.model.train()
         if self.critic is not None:
             self.critic.train()
@@ -268,7 +301,7 @@ class Trainer:
                 group["lr"] = base * scale
             for k in range(1, self.objective.n_critic):               # extra critic-only steps (0 or 1: none)
                 self._phase(step, k, lambda x0: self.objective.critic_loss(unwrapped, x0), "critic_loss")
-            loss, gn = self._phase(step, 0, lambda x0: self.objective(self.model, x0), term)
+            loss, gn, gn_critic = self._phase(step, 0, lambda x0: self.objective(self.model, x0), term)
             self.ema.update(unwrapped)
             done = step + 1
             bar.update(1)
@@ -276,8 +309,11 @@ class Trainer:
                 mean_loss = float(acc.reduce(loss.reshape(1), "mean"))
                 if self.main:
                     bar.set_postfix(loss=f"{mean_loss:.4g}")
-                    self.logbook.log(done, {"train/loss": mean_loss, "train/grad_norm": float(gn),
-                                            "train/lr": self.opt.param_groups[0]["lr"]})
+                    logged = {"train/loss": mean_loss, "train/grad_norm": float(gn),
+                              "train/lr": self.opt.param_groups[0]["lr"]}
+                    if self.critic is not None:
+                        logged["train/critic_grad_norm"] = float(gn_critic)
+                    self.logbook.log(done, logged)
             if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps:
                 self.last_checkpoint = save_checkpoint(acc, self.output_dir, done, self.model, self.ema, config_dict,
                                                        cfg.train.keep_checkpoints)
@@ -299,7 +335,8 @@ class Trainer:
         if self.main:
             metrics.update(self.evaluate(final_step, samples=True, diagnostics=True, final=True))
             with open(os.path.join(self.output_dir, "final_metrics.json"), "w") as f:
-                json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}, f, indent=1)
+                json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                           for k, v in metrics.items()}, f, indent=1)
         acc.wait_for_everyone()
         self.logbook.close()
         return metrics
@@ -311,7 +348,7 @@ def run(config: Config, output_dir: str, resume: str | None = None, max_steps: i
     return the loss and step only).
 
     Args:
-        config: a validated ``Config`` (``train.config.load_config``).
+        config: a validated ``Config`` (``gradscore_train.config.load_config``).
         output_dir: where checkpoints, ``metrics.jsonl``, ``tensorboard/``, ``samples/`` go.
         resume: ``"latest"`` (the newest checkpoint in ``output_dir``) or a checkpoint folder.
         max_steps: overrides ``train.max_steps`` (the total, counting resumed steps).

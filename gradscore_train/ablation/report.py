@@ -1,7 +1,7 @@
-"""The ablation's report: ``report.md`` and its PNGs in the ablation's output folder.
+"""Step 5 of an ablation, the report: ``report.md`` and its PNGs in the ablation's output folder.
 
-``write_report(ablation, results, wall_s) -> (path, table)``; ``results`` is what
-``train.ablate.assess_all`` returns. Every number in the report comes from those results.
+``write_report(ablation, results) -> (path, console table)``; ``results`` is what
+``assessment.assess_all`` returns. Every number in the report comes from those results.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from .assess import PREDICTORS
+from .assessment import PREDICTORS
+from .config import Ablation
 from .study import correlation_table
 
 __all__ = ["write_report", "summary_rows", "fmt_mean_std"]
@@ -61,7 +62,9 @@ def summary_rows(runs: list[dict], quality_key: str) -> list[dict]:
         row = {"label": label, "seeds": f"{len(done)}/{len(group)}",
                "failed": [r["run_id"] for r in group if r.get("failed")]}
         if assessed:
-            q = lambda k: [_f(a["quality"][k]) for a in assessed]  # noqa: E731
+            def q(k, assessed=assessed):
+                return [_f(a["quality"][k]) for a in assessed]
+
             row["quality"] = fmt_mean_std(q(quality_key))
             row["energy_distance"] = fmt_mean_std(q("energy_distance"))
             row["floor"] = fmt(float(np.mean(q("energy_distance_floor"))))
@@ -112,8 +115,8 @@ def plot_samples(runs, mixture, path: str):
         ax.scatter(x[ok, 0], x[ok, 1], s=1, c="tab:blue", alpha=0.6)
         ed = r["assessment"]["quality"]["energy_distance"]
         outside = float((~ok | (x.abs() > lim).any(1)).float().mean())
-        ax.set_title(f"{label} (seed {r['seed']})\nED {fmt(_f(ed))}" + (f", {outside:.0%} outside the frame" if outside > 0.005 else ""),
-                     fontsize=8)
+        note = f", {outside:.0%} outside the frame" if outside > 0.005 else ""
+        ax.set_title(f"{label} (seed {r['seed']})\nED {fmt(_f(ed))}" + note, fontsize=8)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
@@ -190,18 +193,21 @@ def plot_correlation(population, quality_key: str, table, path: str):
     col = _colours(fams)
     n = len(PREDICTORS)
     cols = 3
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.4 * ((n + cols - 1) // cols)), squeeze=False)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
     rho = {row["predictor"]: row for row in table}
     for ax, key in zip(axes.flat, PREDICTORS):
         for fam in fams:
             sel = [p for p in population if p["family"] == fam]
             y = np.array([_f(p["quality"][quality_key]) for p in sel])
-            ax.scatter([p["predictors"][key] for p in sel], np.where(np.isfinite(y), y, np.nan), c=[col[fam]], s=14, label=fam)
+            ax.scatter([p["predictors"][key] for p in sel], np.where(np.isfinite(y), y, np.nan), c=[col[fam]], s=14,
+                       label=fam)
         lin = max(1e-4, float(np.nanmedian([abs(p["predictors"][key]) for p in population]) / 10 or 1e-4))
         ax.set_xscale("symlog", linthresh=lin)
         ax.set_yscale("log")
         r = rho[key]
-        ax.set_title(f"{PREDICTOR_LABEL[key]}\nSpearman {fmt(r['spearman'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fontsize=8)
+        ax.set_title(f"{PREDICTOR_LABEL[key]}\nSpearman {fmt(r['spearman'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+                     fontsize=8)
         ax.set_ylabel(quality_key.replace("_", " "), fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -213,11 +219,11 @@ def plot_correlation(population, quality_key: str, table, path: str):
 
 
 # ----------------------------------------------------------------------------- report
-def write_report(ab, results: dict, wall_s: float | None = None):
+def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
     """Write ``<output_dir>/report.md`` (+ PNGs); returns ``(path, console table)``."""
     out = ab.output_dir
     os.makedirs(out, exist_ok=True)
-    st, ev = ab.schema.study, ab.schema.evaluate
+    st, ac = ab.schema.study, ab.schema.assessment
     qk = st.quality
     runs, population = results["runs"], results["population"]
     rows = summary_rows(runs, qk)
@@ -225,27 +231,32 @@ def write_report(ab, results: dict, wall_s: float | None = None):
     cfg = spec0.config
     toy = cfg.data.kind == "toy"
 
+    wall = sum(_f(r.get("wall_s")) for r in runs if r.get("wall_s"))
+    backbone = (f"(hidden {cfg.model.hidden}, depth {cfg.model.depth})" if cfg.model.kind == "mlp"
+                else f"(channels {cfg.model.block_out_channels})")
     lines = [f"# Ablation `{ab.schema.name}`", "",
-             f"Config: `{ab.path}` (base `{ab.schema.base}`). Output: `{out}`." + f" Training wall time summed over runs: {sum(_f(r.get('wall_s')) for r in runs if r.get('wall_s')):.0f} s "
-             f"(runs launched in parallel overlap; `{ab.schema.launcher.kind}` launcher).", "",
+             f"Config: `{ab.path}` (base `{ab.schema.base}`). Output: `{out}`. Training wall time summed over runs: "
+             f"{wall:.0f} s (runs launched in parallel overlap; `{ab.schema.launcher.kind}` launcher).", "",
              "## Matched budget", "",
              f"Every run: {cfg.train.max_steps} steps, global batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
              f"warm-up {cfg.train.warmup_steps}, EMA {cfg.train.ema_decay:g}, model `{cfg.model.kind}` "
-             + (f"(hidden {cfg.model.hidden}, depth {cfg.model.depth})" if cfg.model.kind == "mlp" else f"(channels {cfg.model.block_out_channels})")
-             + f", data `{cfg.data.kind}`{'/' + cfg.data.preset if toy else ''}; the data order and noise of step k depend only on the seed "
-             f"(seeds {ab.schema.seeds}); only `objective.*` differs. Launcher: `{ab.schema.launcher.kind}`.", ""]
+             f"{backbone}, data `{cfg.data.kind}`{'/' + cfg.data.preset if toy else ''}; the data order and noise "
+             f"of step k depend only on the seed (seeds {ab.schema.seeds}); only `objective.*` differs. "
+             f"Launcher: `{ab.schema.launcher.kind}`.", ""]
     if ab.schema.grid:
         lines += [f"Grid: {ab.schema.grid} (crossed with objectives having the hyperparameter and seeds).", ""]
 
     lines += ["## Sample quality and diagnostics per objective (mean ± std over seeds)", ""]
     if toy:
-        lines += [f"Quality: {QUALITY_LABEL['energy_distance']} ({ev.num_samples} samples, reverse SDE, {ev.sample_steps} steps; "
-                  "`floor` = the same distance between two target samples of that size), and the sample NLL "
+        lines += [f"Quality: {QUALITY_LABEL['energy_distance']} ({ac.num_samples} samples, reverse SDE, "
+                  f"{ac.sample_steps} steps; `floor` = the same distance between two target samples of that size), "
+                  "and the sample NLL "
                   "(the target entropy is the value exact samples give). Diagnostics on a grid of "
-                  f"{ev.num_times} times, {ev.num_points} points of p_t per time, {ev.num_features} Fourier features "
+                  f"{ac.num_times} times, {ac.num_points} points of p_t per time, {ac.num_features} Fourier features "
                   "+ quadratics; errors are `∫ σ_t² ‖·‖² dt` (L2 exact from the mixture's score, gradient part "
-                  "estimated without it, solenoidal = L2 - gradient); KL bounds in nats (reverse SDE, prior term included); "
-                  "SIEM with the exact score subtracted. `s/step`: training wall time per optimizer step; `wall`: "
+                  "estimated without it, solenoidal = L2 - gradient); KL bounds in nats (reverse SDE, prior term "
+                  "included); SIEM with the exact score subtracted. `s/step`: training wall time per optimizer step; "
+                  "`wall`: "
                   "wall time of the whole run (setup, final samples and checkpoints included).", ""]
         header = ["objective", "seeds", "energy dist.", "floor", "NLL", "DSM/L2", "gradient", "solenoidal",
                   "KL Girsanov", "KL gradient", "SIEM", "s/step", "wall s"]
@@ -253,8 +264,8 @@ def write_report(ab, results: dict, wall_s: float | None = None):
                  r.get("dsm_l2", "-"), r.get("gradient", "-"), r.get("solenoidal", "-"), r.get("kl_girsanov", "-"),
                  r.get("kl_gradient", "-"), r.get("siem", "-"), r["sec_per_step"], r["wall_s"]] for r in rows]
     else:
-        lines += ["Quality and diagnostics as measured by the training loop at the end of each run (`final_metrics.json`); "
-                  "no correlation study (it needs a target with an exact score).", ""]
+        lines += ["Quality and diagnostics as measured by the training loop at the end of each run "
+                  "(`final_metrics.json`); no correlation study (it needs a target with an exact score).", ""]
         qkeys = sorted({k for r in rows for k in r if k.startswith(("quality/", "diag/"))})
         header = ["objective", "seeds", *qkeys, "s/step", "wall s"]
         body = [[r["label"], r["seeds"], *[r.get(k, "-") for k in qkeys], r["sec_per_step"], r["wall_s"]] for r in rows]
@@ -269,7 +280,7 @@ def write_report(ab, results: dict, wall_s: float | None = None):
 
     mixture = None
     if toy:
-        from .data import toy_mixture
+        from ..data import toy_mixture
         mixture = toy_mixture(cfg.data)
         figs = [("samples.png", "Samples per objective (first seed) over target samples",
                  lambda p: plot_samples(runs, mixture, p)),
@@ -291,20 +302,23 @@ def write_report(ab, results: dict, wall_s: float | None = None):
                   f"Population: {len(population)} models ({', '.join(f'{v} {k}' for k, v in fam_counts.items())}). "
                   "`trained`: every kept checkpoint of every run; `rotation`: the exact score plus a zero-effect "
                   f"field c J grad log p_t (c in {st.rotations}); `gradient`: the exact score plus a grad phi with "
-                  f"phi = x^T diag(1,-1) x / 2 (a in {st.gradient_errors}); `combination`: both ([a, c] in {st.combinations}).", "",
-                  f"Quality: {QUALITY_LABEL[qk]} (lower is better; not one of the predictors). Spearman rank correlation "
-                  f"between quality and each predictor, {int(st.confidence * 100)}% percentile bootstrap interval over "
+                  f"phi = x^T diag(1,-1) x / 2 (a in {st.gradient_errors}); `combination`: both "
+                  f"([a, c] in {st.combinations}).", "",
+                  f"Quality: {QUALITY_LABEL[qk]} (lower is better; not one of the predictors). Spearman rank "
+                  f"correlation between quality and each predictor, {int(st.confidence * 100)}% percentile bootstrap "
+                  "interval over "
                   f"{st.bootstrap} resamples of the models. A good predictor has a large positive correlation.", ""]
         ctab = _markdown_table(["predictor", "Spearman rho", f"{int(st.confidence * 100)}% CI", "n"],
-                               [[PREDICTOR_LABEL[r["predictor"]], fmt(r["spearman"]), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
-                                 str(r["n"])] for r in corr])
+                               [[PREDICTOR_LABEL[r["predictor"]], fmt(r["spearman"]),
+                                 f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", str(r["n"])] for r in corr])
         lines += [ctab, ""]
         ranked = sorted((r for r in corr if not math.isnan(r["spearman"])), key=lambda r: -r["spearman"])
         if ranked:
             by = {r["predictor"]: r for r in corr}
             lines += [f"Reading (generated from the table): the highest rank correlation with quality is "
                       f"{PREDICTOR_LABEL[ranked[0]['predictor']]} (rho {fmt(ranked[0]['spearman'])}); "
-                      f"gradient error rho {fmt(by['gradient']['spearman'])} vs DSM/L2 error rho {fmt(by['dsm_l2']['spearman'])}; "
+                      f"gradient error rho {fmt(by['gradient']['spearman'])} vs DSM/L2 error rho "
+                      f"{fmt(by['dsm_l2']['spearman'])}; "
                       f"gradient-only KL bound rho {fmt(by['kl_gradient']['spearman'])} vs Girsanov bound rho "
                       f"{fmt(by['kl_girsanov']['spearman'])}. Overlapping intervals mean the population cannot tell "
                       "the two apart.", ""]
@@ -312,8 +326,8 @@ def write_report(ab, results: dict, wall_s: float | None = None):
             lines += ["![correlation](correlation.png)", ""]
         lines += ["### Every model of the population", "",
                   _markdown_table(["model", "family", qk, *PREDICTORS],
-                                  [[p["name"], p["family"], fmt(_f(p["quality"][qk])), *[fmt(p["predictors"][k]) for k in PREDICTORS]]
-                                   for p in population]), ""]
+                                  [[p["name"], p["family"], fmt(_f(p["quality"][qk])),
+                                    *[fmt(p["predictors"][k]) for k in PREDICTORS]] for p in population]), ""]
         console += ["", f"Correlation study ({len(population)} models; quality = {qk}): Spearman rho [CI]", ctab]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:

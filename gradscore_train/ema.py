@@ -44,7 +44,8 @@ class EMA:
             p.copy_(self.shadow[k].to(p.dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+        return {"decay": self.decay, "num_updates": self.num_updates,
+                "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict):
         self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])

@@ -1,8 +1,8 @@
 """Rank correlation between sample quality and each predictor, with bootstrap confidence intervals.
 
 ``spearman(x, y)`` is Pearson's correlation of the ranks (``scipy.stats.rankdata``: ties get their
-average rank), the same number as ``scipy.stats.spearmanr``; ``+inf`` values (a diverged sampler) rank last, NaN pairs are
-dropped. ``bootstrap_ci`` resamples the (x, y) pairs with replacement and takes percentiles.
+average rank), the same number as ``scipy.stats.spearmanr``; ``+inf`` values (a diverged sampler) rank last,
+NaN pairs are dropped. ``bootstrap_ci`` resamples the (x, y) pairs with replacement and takes percentiles.
 ``correlation_table(rows, quality_key, predictors)`` builds the study's table.
 """
 from __future__ import annotations

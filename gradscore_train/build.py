@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 import gradscore
-from gradscore import OBJECTIVES, Critic, EnergyScore, ScoreModel, TimeMLP, VESDE, VPSDE
+from gradscore import OBJECTIVES, VESDE, VPSDE, Critic, EnergyScore, ScoreModel, TimeMLP
 from gradscore.sde import SDE
 
 from .config import Config, ConfigError
 from .data import build_source
 
 __all__ = ["objective_spec", "build_sde", "build_backbone", "build_score_model", "build_critic",
-           "build_objective", "check_objective_config", "load_trained", "ScalarUNet"]
+           "objective_from_config", "check_objective_config", "load_trained", "ScalarUNet"]
 
 
 def objective_spec(name: str):
@@ -41,12 +41,15 @@ def check_objective_config(cfg: Config):
         d = defaults[k]
         if d is None or callable(d) or v is None:
             continue
-        if isinstance(d, bool) != isinstance(v, bool) or (isinstance(d, (int, float)) and not isinstance(v, (int, float))) \
-                or (isinstance(d, str) and not isinstance(v, str)) or (isinstance(d, int) and not isinstance(d, bool)
-                                                                    and isinstance(v, float) and not v.is_integer()):
+        wrong = (isinstance(d, bool) != isinstance(v, bool)
+                 or (isinstance(d, (int, float)) and not isinstance(v, (int, float)))
+                 or (isinstance(d, str) and not isinstance(v, str))
+                 or (isinstance(d, int) and not isinstance(d, bool) and isinstance(v, float) and not v.is_integer()))
+        if wrong:
             raise ConfigError(f"objective.hparams.{k} must be {type(d).__name__} like its default {d!r}, got {v!r}")
     if spec.parametrisation == "energy" and cfg.model.kind == "unet" and cfg.model.energy == "scalar":
-        raise ConfigError("model.energy='scalar' needs a backbone returning [B]; with model.kind='unet' use inner, norm or residual")
+        raise ConfigError("model.energy='scalar' needs a backbone returning [B]; "
+                          "with model.kind='unet' use inner, norm or residual")
     return spec
 
 
@@ -67,10 +70,12 @@ def _unet(shape, m, out_channels=None):
         raise ConfigError(f"model.kind='unet' needs square images, got {H}x{W}; set data.resolution")
     n = len(m.block_out_channels)
     if H % (2 ** (n - 1)):
-        raise ConfigError(f"images of size {H} cannot be halved {n - 1} times (model.block_out_channels={m.block_out_channels})")
+        raise ConfigError(f"images of size {H} cannot be halved {n - 1} times "
+                          f"(model.block_out_channels={m.block_out_channels})")
     for c in m.block_out_channels:
         if c % m.norm_num_groups:
-            raise ConfigError(f"every model.block_out_channels must be divisible by norm_num_groups={m.norm_num_groups}, got {c}")
+            raise ConfigError(f"every model.block_out_channels must be divisible by "
+                              f"norm_num_groups={m.norm_num_groups}, got {c}")
     return UNet2DModel(sample_size=H, in_channels=C, out_channels=out_channels or C,
                        block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
                        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
@@ -103,7 +108,8 @@ def build_score_model(cfg: Config, sde: SDE, shape, spec) -> nn.Module:
         backbone = build_backbone(cfg, shape, scalar=cfg.model.energy == "scalar")
         return EnergyScore(backbone, sde, energy=cfg.model.energy)
     if spec.parametrisation != "score":
-        raise ConfigError(f"objective {spec.name!r} has parametrisation {spec.parametrisation!r}; expected 'score' or 'energy'")
+        raise ConfigError(f"objective {spec.name!r} has parametrisation {spec.parametrisation!r}; "
+                          "expected 'score' or 'energy'")
     return ScoreModel(build_backbone(cfg, shape), sde, output=cfg.model.output)
 
 
@@ -118,8 +124,9 @@ def build_critic(cfg: Config, sde: SDE, shape) -> nn.Module:
     return Critic(backbone, sde)
 
 
-def build_objective(cfg: Config, sde: SDE, critic=None):
-    """The objective instance ``objective(model, x0) -> [B]``."""
+def objective_from_config(cfg: Config, sde: SDE, critic=None):
+    """The objective instance ``objective(model, x0) -> [B]`` named by ``cfg.objective`` (through the
+    library's ``gradscore.build_objective``)."""
     return gradscore.build_objective(cfg.objective.name, sde, critic=critic, **cfg.objective.hparams)
 
 
@@ -127,7 +134,12 @@ def _load_weights(model: nn.Module, ckpt: str, use_ema: bool) -> str:
     path = os.path.join(ckpt, "score_model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{ckpt!r} has no score_model.safetensors")
-    model.load_state_dict(load_file(path))
+    try:
+        model.load_state_dict(load_file(path))
+    except RuntimeError as e:          # missing or unexpected keys, size mismatches: not the config's model
+        detail, own = " ".join(str(e).split())[:300], os.path.join(ckpt, "config.yaml")
+        raise ConfigError(f"{path} does not fit the model the config builds (was it trained with another config or "
+                          f"overrides? its own config is {own}): {detail}") from None
     ema_path = os.path.join(ckpt, "ema.safetensors")
     if use_ema and os.path.isfile(ema_path):
         shadow = load_file(ema_path)

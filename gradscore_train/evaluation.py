@@ -1,17 +1,18 @@
-"""What a run reports besides its loss: samples (plots), score diagnostics and sample quality.
+"""What a run evaluates besides its loss: samples (plots), score diagnostics and sample quality.
 
 All functions take a plain (unwrapped, eval-mode) score model ``(x [B, *D], t [B]) -> score``.
 """
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from gradscore.sampling import sample
 
-__all__ = ["draw_samples", "save_scatter", "save_grid", "diagnose", "quality"]
+__all__ = ["draw_samples", "save_scatter", "image_grid", "save_grid", "score_diagnostics", "quality"]
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +49,35 @@ def save_scatter(samples: torch.Tensor, data: torch.Tensor, path: str, title: st
     plt.close(fig)
 
 
+def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """The first ``nrow * nrow`` of ``images: [N, C, H, W]`` (values in ``[-1, 1]``) as one grid image
+    ``[C, rows * (H + 1) + 1, nrow * (W + 1) + 1]`` in ``[0, 1]``, row by row: every image in a cell
+    framed by 1-pixel white lines, empty cells white, NaN pixels black."""
+    x = ((images[: nrow * nrow].float().clamp(-1, 1) + 1) / 2).nan_to_num(0.0)
+    rows = -(-x.shape[0] // nrow)
+    x = torch.cat([x, x.new_ones(rows * nrow - x.shape[0], *x.shape[1:])])     # fill the last row
+    cells = F.pad(x, (0, 1, 0, 1), value=1.0)                                # a line right of and below each image
+    grid = rearrange(cells, "(row col) c h w -> c (row h) (col w)", col=nrow)
+    return F.pad(grid, (1, 0, 1, 0), value=1.0)                              # the frame's top and left lines
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
-    """Save ``images: [N, C, H, W]`` in ``[-1, 1]`` as one PNG grid."""
+    """Save ``images: [N, C, H, W]`` in ``[-1, 1]`` as one PNG grid (``image_grid``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = ((images[: nrow * nrow].float().clamp(-1, 1) + 1) / 2).nan_to_num(0.0)
-    n, C, H, W = x.shape
-    rows = (n + nrow - 1) // nrow
-    grid = torch.ones(C, rows * (H + 1) + 1, nrow * (W + 1) + 1)
-    for k in range(n):
-        r, c = divmod(k, nrow)
-        grid[:, 1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = x[k]
-    img = grid[0] if C == 1 else grid.permute(1, 2, 0)
-    plt.imsave(path, img.numpy(), cmap="gray" if C == 1 else None, vmin=0, vmax=1)
+    grid = image_grid(images, nrow)
+    img = grid[0] if grid.shape[0] == 1 else rearrange(grid, "c h w -> h w c")
+    plt.imsave(path, img.numpy(), cmap="gray" if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 
 
-def diagnose(score_model, sde, x0: torch.Tensor, times, true_score=None, generator=None) -> dict:
+def score_diagnostics(score_model, sde, x0: torch.Tensor, times, true_score=None, generator=None) -> dict:
     """Gradient, solenoidal and (toys, with the exact score) L2 errors at each ``t`` in ``times`` with
     ``gradscore.diagnostics``, as metrics ``diag/<name>/t=<t>`` and ``diag/<name>_stderr/t=<t>``. A
     diagnostic that fails is logged and skipped: it must not kill a training run."""
     from gradscore import diagnostics as D
-    size = {"num_points": 2**16, "generator": generator}   # the library's 2^18 default costs ~10 s a call on CPU
+    size = {"num_points": 2**16, "generator": generator}   # fixed and moderate: these run periodically in training
     calls = {"gradient_error": lambda t: D.gradient_error(score_model, sde, x0, t, **size),
              "solenoidal_error": lambda t: D.solenoidal_error(score_model, sde, x0, t, **size)}
     if true_score is not None:

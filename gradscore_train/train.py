@@ -1,11 +1,12 @@
 """Train a score model from a YAML config.
 
-    accelerate launch train/train.py --config configs/toy/l2.yaml [key=value ...]
-    python train/train.py --config configs/toy/l2.yaml train.lr=1e-3 --output-dir runs/toy-l2
+    python -m gradscore_train.train --config configs/toy/l2.yaml train.lr=1e-3 --output-dir runs/toy-l2
+    accelerate launch -m gradscore_train.train --config configs/toy/l2.yaml [key=value ...]
+    gradscore-train --config configs/toy/l2.yaml            (the console script, same options)
 
 Options: ``--output-dir`` (default ``runs/<config folder>-<config name>``), ``--max-steps``,
 ``--resume`` (the latest checkpoint of the output dir, or a given checkpoint folder),
-``--no-progress``. Everything else lives in the config (train/config.py).
+``--no-progress``. Everything else lives in the config (gradscore_train/config.py).
 """
 from __future__ import annotations
 
@@ -14,12 +15,7 @@ import logging
 import os
 import sys
 
-# `python train/train.py` puts train/ first on sys.path, where this file would shadow the package.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
-
-from train.config import ConfigError, load_config  # noqa: E402
+from .config import ConfigError, load_config
 
 
 def parse_args(argv=None):
@@ -46,10 +42,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    out = args.output_dir or os.path.join(
-        "runs", f"{os.path.basename(os.path.dirname(os.path.abspath(args.config)))}-{os.path.splitext(os.path.basename(args.config))[0]}")
-    from train.loop import NonFiniteLoss, run
-    from train.data import DataError
+    family = os.path.basename(os.path.dirname(os.path.abspath(args.config)))
+    out = args.output_dir or os.path.join("runs", f"{family}-{os.path.splitext(os.path.basename(args.config))[0]}")
+    from .data import DataError
+    from .loop import NonFiniteLoss, run
     try:
         metrics = run(cfg, out, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
     except (ConfigError, DataError) as e:

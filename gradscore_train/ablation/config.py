@@ -1,4 +1,5 @@
-"""Ablation configs: a grid of training runs (objectives x seeds x hyperparameters) under one budget.
+"""Step 1 of an ablation, its config: a grid of training runs (objectives x seeds x hyperparameters)
+under one budget.
 
 ``load_ablation(path) -> Ablation`` reads and validates the YAML (unknown key, wrong type -> one
 ``ConfigError`` naming it, as for training configs) and checks that every run's training config
@@ -6,7 +7,9 @@ builds, before any compute. ``Ablation.runs()`` lists the ``RunSpec`` of the gri
 
 Matched budget: every run is ``base`` + ``overrides`` (+ one grid point) + its objective; only
 ``objective.*`` differs between objectives, so steps, batch, backbone, learning rate and the data
-order (drawn from ``train.seed`` alone, see ``train/data.py``) are the same.
+order (drawn from ``train.seed`` alone, see ``gradscore_train/data.py``) are the same. Besides the grid:
+``launcher`` (how runs are executed), ``assessment`` (how every model is assessed), ``study`` (the
+correlation study).
 """
 from __future__ import annotations
 
@@ -14,32 +17,32 @@ import itertools
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
-import yaml
+from ..config import Config, ConfigError, load_config, read_yaml, structured
 
-from .config import Config, ConfigError, _build, _numbers_in, load_config
-
-__all__ = ["Ablation", "LauncherConfig", "EvaluateConfig", "StudyConfig", "RunSpec", "load_ablation"]
+__all__ = ["Ablation", "AblationSchema", "LauncherConfig", "AssessmentConfig", "StudyConfig", "RunSpec",
+           "load_ablation"]
 
 
 @dataclass
 class LauncherConfig:
     """How each run is executed.
 
-    ``inprocess``: ``train.loop.run`` in this process, one run after another. ``subprocess``: each run
-    in a fresh ``python -m train.ablate CONFIG --run-one ID``, ``parallel`` at a time. ``accelerate``:
+    ``inprocess``: ``gradscore_train.loop.run`` in this process, one run after another. ``subprocess``: each
+    run in a fresh ``python -m gradscore_train.ablate CONFIG --run-one ID``, ``parallel`` at a time. ``accelerate``:
     each run through ``accelerate launch --multi_gpu --num_processes N`` (gloo on CPU)."""
     kind: Literal["inprocess", "subprocess", "accelerate"] = "inprocess"
     num_processes: int = 2          # accelerate
     parallel: int = 1               # subprocess: runs at once
-    threads: Optional[int] = None   # OMP/torch threads per run (None: leave as is)
+    threads: int | None = None   # OMP/torch threads per run (None: leave as is)
     extra_args: list[str] = field(default_factory=list)   # appended to `accelerate launch`
 
 
 @dataclass
-class EvaluateConfig:
-    """One assessment per model, identical for every model (same seeds: paired comparisons)."""
+class AssessmentConfig:
+    """How every model of the ablation is assessed (``assessment.assess``): identical for every model
+    (same seeds: paired comparisons). Not the run's own ``EvalConfig`` (``eval:``, during training)."""
     num_samples: int = 2000         # samples for quality
     sample_steps: int = 300
     method: Literal["sde", "ode"] = "sde"
@@ -69,13 +72,13 @@ class StudyConfig:
 class AblationSchema:
     name: str = "ablation"
     base: str = "configs/toy/l2.yaml"          # training config every run starts from
-    output_dir: Optional[str] = None           # default runs/ablations/<name>
+    output_dir: str | None = None           # default runs/ablations/<name>
     objectives: dict = field(default_factory=lambda: {"l2": {}})   # name -> hparams ({} = defaults)
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: dict = field(default_factory=dict)   # dotted key -> value, applied to every run
     grid: dict = field(default_factory=dict)        # dotted key -> list of values, crossed with the rest
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    assessment: AssessmentConfig = field(default_factory=AssessmentConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
 
 
@@ -138,23 +141,26 @@ class Ablation:
         runs = []
         for objective, hparams in s.objectives.items():
             if hparams is not None and not isinstance(hparams, dict):
-                raise ConfigError(f"{where}: objectives.{objective} must be a mapping of hyperparameters, got {hparams!r}")
+                raise ConfigError(f"{where}: objectives.{objective} must be a mapping of hyperparameters, "
+                                  f"got {hparams!r}")
             obj = [f"objective.name={json.dumps(objective)}", f"objective.hparams={json.dumps(hparams or {})}"]
             # a grid over objective.hparams.X applies to the objectives that have X; the others run once
-            mine = [k for k in keys if not (k.startswith("objective.hparams.") and k.split(".")[-1] not in _defaults(objective))]
+            mine = [k for k in keys
+                    if not (k.startswith("objective.hparams.") and k.split(".")[-1] not in _defaults(objective))]
             for values in itertools.product(*(s.grid[k] for k in mine)):
                 point = dict(zip(mine, values))
                 for seed in s.seeds:
                     ov = common + obj + _override_strings(point, f"{where} grid") + [f"train.seed={int(seed)}"]
                     try:
                         cfg = load_config(base, ov)
-                        from .build import check_objective_config
+                        from ..build import check_objective_config
                         check_objective_config(cfg)
                     except ConfigError as e:
                         raise ConfigError(f"{where}: run {objective} {point or ''} seed {seed}: {e}") from None
                     parts = [objective] + [f"{k.split('.')[-1]}={v}" for k, v in point.items()] + [f"seed-{seed}"]
                     run_id = "/".join(parts)
-                    runs.append(RunSpec(run_id, objective, int(seed), point, cfg, os.path.join(self.output_dir, "runs", *parts)))
+                    run_dir = os.path.join(self.output_dir, "runs", *parts)
+                    runs.append(RunSpec(run_id, objective, int(seed), point, cfg, run_dir))
         return runs
 
     def runs(self) -> list[RunSpec]:
@@ -168,25 +174,18 @@ class Ablation:
 
 
 def _defaults(objective: str) -> dict:
-    from .build import objective_spec
+    from ..build import objective_spec
     return dict(objective_spec(objective).defaults)
 
 
 def load_ablation(path, overrides: dict | None = None) -> Ablation:
-    """Read and validate an ablation YAML; ``overrides`` (a nested mapping) is merged over it (tests)."""
+    """Read and validate an ablation YAML; ``overrides`` (a nested mapping, e.g. ``{"study": {"enabled":
+    False}}``) is merged over it like the file over the defaults: a section merges, any other value replaces."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"ablation file {path!r} does not exist (e.g. configs/ablations/toy.yaml)")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    for k, v in (overrides or {}).items():
-        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) and k not in ("objectives", "grid") else v
-    if isinstance(data.get("objectives"), list):
-        data["objectives"] = {name: {} for name in data["objectives"]}
-    schema = _build(AblationSchema, _numbers_in(data, AblationSchema), "", path)
+    data = read_yaml(path, "ablation file", "configs/ablations/toy.yaml")
+    overrides = dict(overrides or {})
+    for mapping in (data, overrides):          # objectives may be a plain list of names
+        if isinstance(mapping.get("objectives"), list):
+            mapping["objectives"] = {name: {} for name in mapping["objectives"]}
+    schema = structured(AblationSchema, data, path, overrides.items())
     return Ablation(schema, path)

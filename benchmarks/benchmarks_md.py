@@ -1,4 +1,4 @@
-"""Text of the benchmark report: the tables printed by ``run.py`` and ``BENCHMARKS.md``."""
+"""Text of BENCHMARKS.md and of the tables `run.py` prints."""
 from __future__ import annotations
 
 import datetime
@@ -23,7 +23,7 @@ TRIED = """\
 | non-reentrant checkpoint of the backbone call inside the energy (recomputed under the math SDPA kernel) | yes: loss and gradients bit-identical | time 4.0x L2 (+25%); saved 262 MB, peak 263 MB (-1%): the VJP graph re-holds the recomputed activations | no |
 | reverse-over-forward: `score` from a custom `autograd.Function` whose backward takes the parameter gradient of the directional derivative `<a, grad_x E>` (forward-mode JVP of E along the detached cotangent `a`) | yes in exact arithmetic (tests/test_fast_paths.py, TimeMLP, float64) | on UNet2DModel in torch 2.13: forward AD of `group_norm` fails on the non-contiguous attention output ("view size is not compatible"), then `softmax` forward AD breaks the reverse pass (in-place on `exp`); without attention it ran at 5.3x L2 (plain: 3.2x) and its gradients disagreed with the plain route (not investigated). FLOPs: F + VJP to get `a`, then a primal+tangent forward and its backward, ~8F against ~6F | no |
 | double-backward-friendly custom `Function`s for SiLU, GroupNorm, conv2d (backward written with differentiable ops: `conv_transpose2d`, analytic SiLU'' , GroupNorm formula; weight gradients skipped during the inner `autograd.grad`) | yes (rel. error 2e-7 to 2e-6 per op) | per-op double backward: conv 0.88x, SiLU 1.05x, GroupNorm 1.5x of native: no net gain in time, more code on the default path (memory was not measured then; the SiLU part came back as `CompactSiLU` above, for its memory) | no |
-| `torch.compile` | - | refuses double backward (aot_autograd), ENGINEERING.md | no |
+| `torch.compile` | - | refuses double backward (aot_autograd), docs/engineering.md "Double backward" | no |
 """
 
 
@@ -117,23 +117,25 @@ def _limits(results) -> str:
                          f"{_f(r.get('saved_mb_ratio'))}x the saved-for-backward bytes.")
     p = results.get("profile")
     if p and "energy" in p and "l2" in p:
-        e, l = p["energy"], p["l2"]
-        parts.append(f"- Profile of one step (unet16, self CPU time of aten ops): L2 {l['total_ms']:.0f} ms "
-                     f"({l['matmul_ms']:.0f} ms convolution/matmul/attention, {l['other_ms']:.0f} ms other); energy "
+        e, ref = p["energy"], p["l2"]
+        parts.append(f"- Profile of one step (unet16, self CPU time of aten ops): L2 {ref['total_ms']:.0f} ms "
+                     f"({ref['matmul_ms']:.0f} ms convolution/matmul/attention, {ref['other_ms']:.0f} ms other); energy "
                      f"{e['total_ms']:.0f} ms ({e['matmul_ms']:.0f} ms convolution/matmul/attention = "
-                     f"{e['matmul_ms'] / max(l['matmul_ms'], 1e-9):.2f}x, {e['other_ms']:.0f} ms other = "
-                     f"{e['other_ms'] / max(l['other_ms'], 1e-9):.2f}x).")
+                     f"{e['matmul_ms'] / max(ref['matmul_ms'], 1e-9):.2f}x, {e['other_ms']:.0f} ms other = "
+                     f"{e['other_ms'] / max(ref['other_ms'], 1e-9):.2f}x).")
     return "\n".join(parts)
 
 
 CRITIC_CAPACITY = (
-    "Does the toy need a big critic? `python -m train.ablate configs/ablations/toy_critic.yaml` (the `make demo` budget: "
-    "ring8, 1000 steps, 3 seeds; critic width 128 / 56 / 24 at depth 3 = 100% / 22% / 5.5% of the score MLP; measured "
-    "2026-11-22, 2 min 32 s): `l2+dual_sobolev` gives energy distance 0.0114 at every width (+- 0.0006 to 0.0009; "
-    "L2 in `make demo`: 0.0114) at 4.68 / 3.57 / 3.23 ms per driver step (L2 in `make demo`: 1.67 ms), so "
-    "`configs/toy/l2+dual_sobolev.yaml` now uses the 5.5% critic. `dual_sobolev` alone, whose only signal is the "
-    "critic, degrades as the critic shrinks: 0.0158 +- 0.0020, 0.0188 +- 0.0024, 0.0338 +- 0.0073 at 20.1 / 15.1 / "
-    "13.1 ms per step (n_critic 5), so its config keeps the wide critic.")
+    'Does the toy need a big critic? `python -m gradscore_train.ablate configs/ablations/toy_critic.yaml` (the '
+    '`make demo` budget: ring8, 1000 steps, 3 seeds; critic width 128 / 56 / 24 at depth 3 = 100% / 22% / 5.5% of '
+    'the score MLP; quality re-measured 2026-11-24 with the score model and the critic clipped separately, 5 min '
+    '24 s on a shared machine): `l2+dual_sobolev` gives energy distance 0.0114 at every width (+- 0.0006; L2 in '
+    '`make demo`: 0.0114) at 4.68 / 3.57 / 3.23 ms per driver step (L2 in `make demo`: 1.67 ms; the step times '
+    'are from the 2026-11-22 run, with one clip of the joint norm, on a quieter machine), so '
+    '`configs/toy/l2+dual_sobolev.yaml` uses the 5.5% critic. `dual_sobolev` alone, whose only signal is the '
+    'critic, degrades as the critic shrinks: 0.0145 +- 0.0010, 0.0190 +- 0.0014, 0.0355 +- 0.0125 at 20.1 / 15.1 '
+    '/ 13.1 ms per step (n_critic 5; step times from the same earlier run), so its config keeps the wide critic.')
 
 
 def _toy_critic(results) -> str:
@@ -229,9 +231,9 @@ def markdown(results, command: str) -> str:
     drivers = results.get("driver")
     out += ["## Training driver overhead", ""]
     if not drivers:
-        out += ["Not measured: `train.loop` does not exist.", ""]
+        out += ["Not measured: `gradscore_train.loop` does not exist.", ""]
     else:
-        out += ["`train.loop.Trainer.train()` (end-of-run evaluation and checkpoint writing replaced by no-ops; the "
+        out += ["`gradscore_train.loop.Trainer.train()` (end-of-run evaluation and checkpoint writing replaced by no-ops; the "
                 "Trainer is built before the clock starts) against two bare PyTorch loops with the same model, "
                 "objective, batch and optimizer (`benchmarks/driver_overhead.py`): **recipe** does the same training "
                 "recipe written plainly (a fresh batch from the data source, `zero_grad`, `loss.backward()`, "

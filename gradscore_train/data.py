@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from gradscore.toy import PRESETS, GaussianMixture
 
-__all__ = ["DataError", "ToySource", "TensorSource", "BatchPlan", "build_source", "toy_mixture", "check_images", "micro_seed"]
+__all__ = ["DataError", "ToySource", "TensorSource", "BatchPlan", "build_source", "toy_mixture", "check_images",
+           "micro_seed"]
 
 
 class DataError(ValueError):
@@ -43,8 +44,8 @@ def _splitmix64(z: int) -> int:
 
 def micro_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed from ``(seed, *keys)`` (independent streams for every step and micro-batch):
-    SplitMix64 chained over the keys, ~2 us in pure Python (numpy's SeedSequence took 50 us, 2% of a
-    toy training step, called once per micro-batch)."""
+    SplitMix64 chained over the keys in pure Python, called once per micro-batch (numpy's
+    SeedSequence did the same at many times the cost: BENCHMARKS.md, section "Training driver overhead")."""
     h = _splitmix64(int(seed) & _U64)
     for k in keys:
         h = _splitmix64(h ^ (int(k) & _U64))
@@ -134,7 +135,10 @@ class TensorSource:
         return x
 
     def sample_x0(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        idx = torch.randperm(len(self), generator=generator)[:n] if n <= len(self) else torch.randint(len(self), (n,), generator=generator)
+        if n <= len(self):
+            idx = torch.randperm(len(self), generator=generator)[:n]
+        else:
+            idx = torch.randint(len(self), (n,), generator=generator)
         return self.images[idx]
 
     def key(self) -> str:
@@ -150,7 +154,8 @@ class BatchPlan:
 
     def __init__(self, source, global_batch: int, num_micro: int, seed: int):
         if global_batch % num_micro:
-            raise DataError(f"train.batch_size={global_batch} must be divisible by processes x train.grad_accum = {num_micro}")
+            raise DataError(f"train.batch_size={global_batch} must be divisible by processes x train.grad_accum "
+                            f"= {num_micro}")
         self.source, self.global_batch, self.num_micro, self.seed = source, global_batch, num_micro, seed
         self.micro_batch = global_batch // num_micro
         self._perm_cache: dict[int, torch.Tensor] = {}
@@ -245,7 +250,8 @@ def images_from_dataset(ds, cfg, name: str) -> TensorSource:
         a = np.asarray(img, dtype=np.uint8)
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
         if xs and a.shape != xs[0].shape:
-            raise DataError(f"{name}: image {i} has shape {a.shape}, image 0 has {xs[0].shape}; set data.resolution to resize")
+            raise DataError(f"{name}: image {i} has shape {a.shape}, image 0 has {xs[0].shape}; "
+                            "set data.resolution to resize")
         xs.append(a)
         if label_col is not None:
             ys.append(int(ex[label_col]))
@@ -266,7 +272,8 @@ def load_image_source(cfg) -> TensorSource:
         try:
             ds = load_dataset("imagefolder", data_dir=root, split=cfg.split)
         except Exception as e:  # datasets raises several types for empty/unreadable folders
-            raise DataError(f"data.data_dir {root!r}: could not load an imagefolder split {cfg.split!r} ({type(e).__name__}: {e})") from e
+            raise DataError(f"data.data_dir {root!r}: could not load an imagefolder split {cfg.split!r} "
+                            f"({type(e).__name__}: {e})") from e
     else:
         name = cfg.name.replace("/", "_")
         try:

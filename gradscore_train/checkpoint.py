@@ -41,7 +41,8 @@ def resolve_checkpoint(path: str) -> str:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(f"{path!r} is neither a checkpoint (no trainer_state.json) nor a run folder with checkpoints/step-*")
+        raise FileNotFoundError(f"{path!r} is neither a checkpoint (no trainer_state.json) "
+                                "nor a run folder with checkpoints/step-*")
     return latest
 
 
@@ -70,7 +71,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, score_model, ema, c
         model = accelerator.unwrap_model(score_model)
         save_file(_state_dict_cpu(model), os.path.join(tmp, "score_model.safetensors"))
         if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict()["shadow"].items()}, os.path.join(tmp, "ema.safetensors"))
+            shadow = {k: v.contiguous() for k, v in ema.state_dict()["shadow"].items()}
+            save_file(shadow, os.path.join(tmp, "ema.safetensors"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(config_dict, f, sort_keys=False)
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:

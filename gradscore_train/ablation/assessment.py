@@ -1,0 +1,187 @@
+"""Step 3 of an ablation: assess every model with the same seeds (toy mixtures, exact score known).
+
+``assess(score_fn, sde, mixture, ac) -> dict`` assesses one model (JSON-ready), for the same seeds
+whatever the model (common random numbers, so differences between models are paired):
+
+* ``quality``: ``energy_distance`` and ``sliced_wasserstein`` of ``ac.num_samples`` reverse-SDE
+  samples to fresh target samples, the two-sample ``energy_distance_floor``, ``nll`` (``E_q[-log p_0]``)
+  and the target ``entropy``;
+* ``per_time``: on ``default_times(sde, ac.num_times)``: ``l2`` (exact, the mixture's score is known),
+  ``gradient`` (``||Pi_G e_t||^2``, features estimator, no true score) and ``solenoidal = l2 - gradient``;
+* ``predictors``: the scalars the correlation study ranks by. ``dsm_l2``, ``gradient``, ``solenoidal``:
+  ``int sigma_t^2 ||.||^2 dt`` (the eps-prediction weighting DSM minimises; trapezoid on the grid);
+  ``kl_girsanov``, ``kl_gradient``: the two KL bounds (likelihood weighting ``g^2 / 2`` plus the prior
+  term); ``siem``: the SIEM baseline with the exact score as reference;
+* ``kl_prior``: the prior term ``KL(p_T || prior)`` both bounds include (exact Monte Carlo: the
+  mixture's ``log p_T`` is known);
+* ``stderr``: the standard errors of ``kl_girsanov``, ``kl_gradient``, ``kl_prior`` and ``siem``.
+
+``assess_all(ablation) -> {"runs": [...], "population": [...]}`` assesses the final checkpoint of every
+finished run (the comparison) and, for the correlation study, the kept intermediate checkpoints and the
+perturbed exact scores of ``population.py``. Every assessment is cached as JSON next to what it
+assesses, keyed on the ``AssessmentConfig``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+
+from gradscore.diagnostics import GradientFeatures, default_times, kl_bounds, siem
+from gradscore.diagnostics.kl import trapezoid_weights
+from gradscore.quality import toy_quality
+from gradscore.sampling import sample
+
+from ..build import build_sde, load_trained
+from ..checkpoint import checkpoint_dirs, read_step
+from ..data import toy_mixture
+from .config import Ablation, AssessmentConfig, RunSpec
+from .population import perturbed_scores
+from .runs import final_metrics_path
+
+__all__ = ["assess", "assess_all", "PREDICTORS"]
+
+PREDICTORS = ("dsm_l2", "gradient", "solenoidal", "kl_girsanov", "kl_gradient", "siem")
+
+
+def _finite(v: float) -> float | str:
+    return v if math.isfinite(v) else str(v)
+
+
+def assess(score_fn, sde, mixture, ac: AssessmentConfig, samples_path: str | None = None) -> dict:
+    """Assess ``score_fn(x [B, d], t [B]) -> [B, d]`` against ``mixture`` (a ``GaussianMixture``).
+
+    Args:
+        ac: an ``AssessmentConfig`` (sizes and the seed).
+        samples_path: if given, the quality samples ``[num_samples, d]`` are saved there (``torch.save``).
+    """
+    g = torch.Generator().manual_seed(ac.seed)
+    x = sample(score_fn, sde, (ac.num_samples, mixture.dim), method=ac.method, steps=ac.sample_steps, generator=g)
+    if samples_path:
+        torch.save(x, samples_path)
+    quality = toy_quality(mixture, x, generator=torch.Generator().manual_seed(ac.seed + 1))
+
+    g = torch.Generator().manual_seed(ac.seed + 2)
+    x0 = mixture.sample(ac.num_data, generator=g)
+    times = default_times(sde, ac.num_times)
+    features = GradientFeatures(x0.mean(0).double(), x0.std(0).double(), poly=True, num_rff=ac.num_features,
+                                seed=ac.seed)
+    true = mixture.score_fn(sde)
+    kl = kl_bounds(score_fn, sde, x0, times, true_score=true, log_prob_T=lambda z: mixture.log_prob(z, sde.T, sde),
+                   num_points=ac.num_points, generator=g, features=features)
+    per_time = []
+    for tk, ge, le in zip(kl["times"], kl["gradient_error"], kl["l2_error"]):
+        per_time.append({"t": tk, "l2": le.value, "l2_stderr": le.stderr, "gradient": ge.value,
+                         "gradient_stderr": ge.stderr, "solenoidal": le.value - ge.value})
+    w = trapezoid_weights(times)
+    sigma2 = sde.sigma(times).to(torch.float64) ** 2
+
+    def weighted(key):
+        return float((w * sigma2 * torch.tensor([r[key] for r in per_time], dtype=torch.float64)).sum())
+
+    s = siem(score_fn, sde, (ac.siem_particles, mixture.dim), reference_score=true, steps=ac.siem_steps,
+             generator=torch.Generator().manual_seed(ac.seed + 3))
+    predictors = {"dsm_l2": weighted("l2"), "gradient": weighted("gradient"), "solenoidal": weighted("solenoidal"),
+                  "kl_girsanov": kl["girsanov"].value, "kl_gradient": kl["gradient"].value, "siem": s.value}
+    return {
+        "quality": {k: _finite(float(v)) for k, v in quality.items()},
+        "per_time": per_time,
+        "predictors": predictors,
+        "kl_prior": kl["prior"].value,
+        "stderr": {"kl_girsanov": kl["girsanov"].stderr, "kl_gradient": kl["gradient"].stderr,
+                   "kl_prior": kl["prior"].stderr, "siem": s.stderr},
+    }
+
+
+def _cached(path: str, compute):
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    result = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+    return result
+
+
+# Version of what ``assess`` returns, part of the cache key: cached assessments of another layout are
+# recomputed, not read (2: the prior term's value under ``kl_prior``, its stderr under ``stderr``).
+ASSESSMENT_FORMAT = 2
+
+
+def _assessment_key(ac: AssessmentConfig) -> str:
+    """Assessments are cached per assessment setting and format: changing a size re-assesses."""
+    key = json.dumps({"format": ASSESSMENT_FORMAT, **asdict(ac)}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def _run_info(spec: RunSpec) -> dict:
+    info = {"run_id": spec.run_id, "label": spec.label, "objective": spec.objective, "seed": spec.seed}
+    if os.path.isfile(final_metrics_path(spec)):
+        with open(final_metrics_path(spec)) as f:
+            info["final_metrics"] = json.load(f)
+    logp, segs = os.path.join(spec.run_dir, "ablation_log.json"), []
+    if os.path.isfile(logp):
+        with open(logp) as f:
+            segs = json.load(f)
+    info["wall_s"] = sum(s["wall_s"] for s in segs if s["status"] != "failed") if segs else None
+    info["failed"] = next((s["error"] for s in reversed(segs) if s["status"] == "failed"), None) \
+        if not os.path.isfile(final_metrics_path(spec)) else None
+    return info
+
+
+def assess_all(ab: Ablation, progress: bool = True) -> dict:
+    """Assess every finished run (final checkpoint, and the kept intermediate ones when the study wants
+    them) and the perturbed exact scores. Returns ``{"runs": [...], "population": [...]}``."""
+    ac, st = ab.schema.assessment, ab.schema.study
+    key = _assessment_key(ac)
+    runs, population = [], []
+    t0 = time.perf_counter()
+    toy = all(r.config.data.kind == "toy" for r in ab.runs())
+    for spec in ab.runs():
+        info = _run_info(spec)
+        runs.append(info)
+        if "final_metrics" not in info or not toy:
+            continue
+        mixture = toy_mixture(spec.config.data)
+        ckpts = checkpoint_dirs(spec.run_dir)
+        final_step = spec.config.train.max_steps
+        for ck in ckpts:
+            step = read_step(ck)
+            if step != final_step and not (st.enabled and st.intermediate_checkpoints):
+                continue
+            folder, name = os.path.join(spec.run_dir, "assessment"), os.path.basename(ck)
+            samples = os.path.join(folder, f"samples-{name}-{key}.pt")
+            keep = samples if step == final_step else None                 # samples of the final checkpoint only
+
+            def compute(spec=spec, ck=ck, mixture=mixture, folder=folder, keep=keep):
+                sde, model, _ = load_trained(spec.config, ck)
+                os.makedirs(folder, exist_ok=True)
+                return assess(model, sde, mixture, ac, samples_path=keep)
+
+            result = _cached(os.path.join(folder, f"{name}-{key}.json"), compute)
+            result.update({"name": f"{spec.run_id} @ {step}", "family": "trained", "step": step})
+            if step == final_step:
+                info["assessment"] = result
+                info["samples_path"] = samples
+            if st.enabled:
+                population.append(result)
+    if st.enabled and toy and ab.runs():
+        spec0 = ab.runs()[0]
+        sde, mixture = build_sde(spec0.config), toy_mixture(spec0.config.data)
+        for p in perturbed_scores(mixture.score_fn(sde), st.rotations, st.gradient_errors, st.combinations):
+            safe = p.name.replace(" ", "_").replace("=", "").replace("+", "and")
+            result = _cached(os.path.join(ab.output_dir, "study", f"{safe}-{key}.json"),
+                             lambda p=p: assess(p.score_fn, sde, mixture, ac))
+            result.update({"name": p.name, "family": p.family, "a": p.a, "c": p.c})
+            population.append(result)
+    if progress:
+        print(f"[ablate] assessed {len(population) or len(runs)} models in {time.perf_counter() - t0:.1f}s", flush=True)
+    return {"runs": runs, "population": population}

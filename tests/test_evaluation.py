@@ -1,0 +1,27 @@
+"""What a run evaluates besides its loss (gradscore_train/evaluation.py): the sample image grid."""
+import pytest
+import torch
+
+from gradscore_train.evaluation import image_grid
+
+
+def _grid_by_hand(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """Oracle: a white canvas with image k pasted at cell (k // nrow, k % nrow), 1-pixel lines around."""
+    x = ((images[: nrow * nrow].float().clamp(-1, 1) + 1) / 2).nan_to_num(0.0)
+    n, C, H, W = x.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.ones(C, rows * (H + 1) + 1, nrow * (W + 1) + 1)
+    for k in range(n):
+        r, c = divmod(k, nrow)
+        grid[:, 1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = x[k]
+    return grid
+
+
+@pytest.mark.parametrize("n, channels, nrow", [(10, 3, 4), (16, 1, 4), (3, 1, 8), (70, 3, 8)])
+def test_image_grid_places_every_image_in_its_cell(n, channels, nrow):
+    """Exact (tolerance 0: only copies and the same elementwise scaling): a partial last row, a row
+    shorter than nrow, more images than nrow^2 (the rest dropped), out-of-range values and a NaN."""
+    images = 1.5 * torch.randn(n, channels, 5, 6, generator=torch.Generator().manual_seed(0))
+    images[0, 0, 0, 0] = float("nan")
+    grid = image_grid(images, nrow)
+    assert torch.equal(grid, _grid_by_hand(images, nrow))
