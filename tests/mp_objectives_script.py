@@ -63,7 +63,7 @@ def main(out_path):
             model, opt = accelerator.prepare(model, opt)
         worst = 0.0
         half = slice(rank * B // world, (rank + 1) * B // world)
-        for it in range(ITERS):
+        for _ in range(ITERS):
             x0, noise = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
             t = torch.rand(B, generator=g) * 0.9 + 0.05
             probes = draw_probes((1, B, D), generator=g)
@@ -74,7 +74,8 @@ def main(out_path):
                 opt.zero_grad()
                 accelerator.backward(call(obj, model, x0[half], t[half], noise[half], probes[:, half], which))
                 unwrapped_critic = accelerator.unwrap_model(obj.critic) if obj.critic is not None else None
-                diff = (grads(accelerator.unwrap_model(model), unwrapped_critic) - grads(ref_model, ref_critic)).abs().max()
+                ddp_grads = grads(accelerator.unwrap_model(model), unwrapped_critic)
+                diff = (ddp_grads - grads(ref_model, ref_critic)).abs().max()
                 worst = max(worst, float(diff))
                 opt.step()
                 ref_opt.step()

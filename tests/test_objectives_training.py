@@ -50,7 +50,8 @@ def train_and_sample(name, steps=STEPS, seed=0, critic_lr=2e-3, warmup=50, clip=
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1 - ema_decay)
-    x = gs.sample(ema if average else model, sde, (2000, 2), method="sde", steps=200, generator=torch.Generator().manual_seed(1))
+    x = gs.sample(ema if average else model, sde, (2000, 2), method="sde", steps=200,
+                  generator=torch.Generator().manual_seed(1))
     y = mix.sample(2000, generator=torch.Generator().manual_seed(2))
     return gs.energy_distance(x, y)
 
