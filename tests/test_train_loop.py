@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gradscore.objectives import Objective
 from gradscore_train.checkpoint import checkpoint_dirs, latest_checkpoint, read_step
 from gradscore_train.config import load_config
 from gradscore_train.loop import NonFiniteLoss, run
@@ -65,12 +66,14 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, kind, objective):
         assert lp[s] == pytest.approx(lf[s], abs=1e-6)
 
 
-class _NaNAfter:
-    """Wraps an objective: per-sample losses become NaN from call ``k`` on (a diverging run)."""
+class _NaNAfter(Objective):
+    """Wraps an objective without a critic: per-sample losses become NaN from call ``k`` on (a diverging
+    run). Its ``phases()`` (the base class's) is the one joint phase calling the wrapper."""
 
     def __init__(self, inner, k):
+        assert inner.n_critic == 0, "the wrapper has no critic_loss"
         self.inner, self.k, self.calls = inner, k, 0
-        self.critic, self.n_critic = getattr(inner, "critic", None), getattr(inner, "n_critic", 0)
+        self.name, self.hparams = inner.name, inner.hparams
 
     def __call__(self, model, x0):
         self.calls += 1
