@@ -2,7 +2,7 @@
 
 Oracle: the energy distance between 2000 reverse-SDE samples (200 steps) and 2000 target samples,
 compared with the L2-trained model at the same step budget, ring8 target. Every objective gets the
-training recipe of the driver (train/): 1500 score steps of a TimeMLP(2, 128, 3), batch 256, one Adam
+training recipe of the driver (gradscore_train): 1500 score steps of a TimeMLP(2, 128, 3), batch 256, one Adam
 optimizer (2e-3) over model + critic, a 50-step linear warm-up, gradient clipping at norm 1, and an EMA
 of the weights (decay 0.99) that is sampled; each step is ``gradscore.train_step``: the objective's
 ``phases()``, ``n_critic - 1`` critic-only ``critic_loss`` steps, then ``objective(model, x0).mean()``.

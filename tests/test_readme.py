@@ -69,7 +69,7 @@ def test_written_out_recipe_is_train_step():
 
 def test_diagnostics_block_runs_and_separates_the_parts():
     """Oracle: for a pure zero-effect rotation the gradient part is ~0 while the L2 error is large
-    (THEORY 3); the gradient-only bound is below Girsanov's."""
+    (docs/theory.md §3); the gradient-only bound is below Girsanov's."""
     code = _shrink(_block("Diagnostics"), **{"num_data, num_times": "1024, 3"})
     ns = {}
     exec(compile(code, "README.md", "exec"), ns)
