@@ -14,6 +14,7 @@ from torch import nn
 
 import gradscore
 from gradscore import OBJECTIVES, VESDE, VPSDE, Critic, EnergyScore, ScoreModel, TimeMLP
+from gradscore.objectives import ObjectiveSpec
 from gradscore.sde import SDE
 
 from .config import Config, ConfigError
@@ -23,32 +24,30 @@ __all__ = ["objective_spec", "build_sde", "build_backbone", "build_score_model",
            "objective_from_config", "check_objective_config", "load_trained", "ScalarUNet"]
 
 
-def objective_spec(name: str):
+def objective_spec(name: str) -> ObjectiveSpec:
     """``gradscore.OBJECTIVES[name]``, or a config error listing the known objectives."""
     if name not in OBJECTIVES:
         raise ConfigError(f"objective.name={name!r} is not a known objective; expected one of {sorted(OBJECTIVES)}")
     return OBJECTIVES[name]
 
 
-def check_objective_config(cfg: Config):
-    """Hyperparameters against the spec's defaults: no unknown key, same type as the default."""
+def check_objective_config(cfg: Config) -> ObjectiveSpec:
+    """The objective's registry entry, after checking ``objective.hparams`` with the library's own
+    validation (``OBJECTIVES[name].validate``: names, types, values) and the model against the
+    parametrisation. Raises ``ConfigError`` naming the config file and the key."""
     spec = objective_spec(cfg.objective.name)
-    defaults = dict(spec.defaults)
-    for k, v in cfg.objective.hparams.items():
-        if k not in defaults:
-            raise ConfigError(f"objective.hparams.{k} is not a hyperparameter of {cfg.objective.name!r}; "
-                              f"expected one of {sorted(defaults) or '(none)'}")
-        d = defaults[k]
-        if d is None or callable(d) or v is None:
-            continue
-        wrong = (isinstance(d, bool) != isinstance(v, bool)
-                 or (isinstance(d, (int, float)) and not isinstance(v, (int, float)))
-                 or (isinstance(d, str) and not isinstance(v, str))
-                 or (isinstance(d, int) and not isinstance(d, bool) and isinstance(v, float) and not v.is_integer()))
-        if wrong:
-            raise ConfigError(f"objective.hparams.{k} must be {type(d).__name__} like its default {d!r}, got {v!r}")
+    where = cfg.source or "config"
+    hparams = cfg.objective.hparams
+    try:
+        spec.validate(hparams)
+    except ValueError as e:
+        unknown = [k for k in hparams if k not in spec.defaults]
+        if unknown:     # named by its config key (validate() lists the names without the key path)
+            raise ConfigError(f"{where}: objective.hparams.{unknown[0]} is not a hyperparameter of {spec.name!r}; "
+                              f"expected one of {sorted(spec.defaults) or '(none)'}") from None
+        raise ConfigError(f"{where}: objective.hparams: {e}") from None
     if spec.parametrisation == "energy" and cfg.model.kind == "unet" and cfg.model.energy == "scalar":
-        raise ConfigError("model.energy='scalar' needs a backbone returning [B]; "
+        raise ConfigError(f"{where}: model.energy='scalar' needs a backbone returning [B]; "
                           "with model.kind='unet' use inner, norm or residual")
     return spec
 

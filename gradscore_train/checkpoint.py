@@ -67,6 +67,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, score_model, ema, c
         os.makedirs(tmp)                 # before any rank writes its random state into it
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()      # every rank has written its files into tmp before it is renamed
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(score_model)
         save_file(_state_dict_cpu(model), os.path.join(tmp, "score_model.safetensors"))

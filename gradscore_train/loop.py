@@ -10,10 +10,12 @@ from ``BatchPlan``. So a resumed run repeats the uninterrupted one exactly (mode
 EMA come from the checkpoint; everything random is a function of the step), and splitting one
 global batch over processes or accumulation micro-batches draws the same examples and noise.
 
-Per optimizer step: ``n_critic - 1`` critic-only steps (``objective.critic_loss``, score model
-unwrapped so its gradients stay local and are dropped), then the objective's step on score model and
-critic together; gradient clipping (the score model's and the critic's norms separately), a non-finite
-guard (before the update, agreed across ranks), the learning-rate warm-up and the EMA of the score model.
+Per optimizer step: the objective's recipe ``objective.phases()`` (``gradscore.objectives.Phase``), in
+its order: ``n_critic - 1`` critic-only phases (``trains_model=False``: ``objective.critic_loss`` on the
+unwrapped score model, so its gradients stay local and are dropped), then the joint phase on score model
+and critic together; each phase is one optimizer step with gradient clipping (the score model's and the
+critic's norms separately) and a non-finite guard (before the update, agreed across ranks); then the
+learning-rate warm-up and the EMA of the score model.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import time
 
 import torch
 import yaml
+
+from gradscore.objectives import Phase
 
 from . import evaluation
 from .build import build_critic, build_score_model, build_sde, check_objective_config, objective_from_config
@@ -92,7 +96,8 @@ def seed_global_rng(seed: int, device: torch.device) -> None:
 class Trainer:
     """One training run; ``Trainer(config, output_dir, resume, progress).train() -> metrics``.
     Attributes after construction: ``acc`` (the Accelerator), ``model`` and ``critic`` (prepared),
-    ``objective``, ``ema``, ``source``, ``sde``, ``start_step``."""
+    ``objective``, ``phases`` (its recipe, on the prepared critic), ``ema``, ``source``, ``sde``,
+    ``start_step``."""
     def __init__(self, cfg: Config, output_dir: str, resume, progress: bool):
         self.cfg, self.output_dir, self.progress = cfg, output_dir, progress
         self.spec = check_objective_config(cfg)
@@ -121,6 +126,7 @@ class Trainer:
         else:
             self.model, self.opt = acc.prepare(model, opt)
             self.critic = None
+        self.phases = self.objective.phases()
         from accelerate.utils import DistributedType
 
         # one process or plain DDP, no loss scaler: accelerate's backward, clipping and optimizer
@@ -149,20 +155,23 @@ class Trainer:
                 log.info("resumed from %s at step %d", ckpt, self.start_step)
 
     # ------------------------------------------------------------------------- one phase
-    def _phase(self, step: int, phase: int, loss_fn, term: str):
-        """``grad_accum`` micro-batches then one optimizer step; returns ``(mean loss, score-model grad
-        norm, critic grad norm)``, the norms before clipping."""
+    def _phase(self, step: int, key: int, phase: Phase, unwrapped):
+        """``grad_accum`` micro-batches of ``phase.loss`` then one optimizer step; returns ``(mean loss,
+        score-model grad norm, critic grad norm)``, the norms before clipping. ``key`` tells the phases of
+        one step apart in the seeds (``micro_seed(seed, step, key, j)``); a phase with
+        ``trains_model=False`` gets the unwrapped score model ``unwrapped``."""
         acc, cfg = self.acc, self.cfg
         total = None
         models = [self.model] + ([self.critic] if self.critic is not None else [])
+        score_model = self.model if phase.trains_model else unwrapped
         for micro in range(cfg.train.grad_accum):
             j = micro * acc.num_processes + acc.process_index
-            seed = micro_seed(cfg.train.seed, step, phase, j)
+            seed = micro_seed(cfg.train.seed, step, key, j)
             seed_global_rng(seed, acc.device)
             x0 = self.plan.micro(step, j, self._data_gen.manual_seed(seed)).to(acc.device)
             # without accumulation every backward syncs and steps: accelerate's context would only add overhead
             with acc.accumulate(*models) if cfg.train.grad_accum > 1 else contextlib.nullcontext():
-                loss = loss_fn(x0).mean()
+                loss = phase.loss(score_model, x0).mean()
                 if self._plain and cfg.train.grad_accum == 1:   # what acc.backward does here, minus a division by 1
                     loss.backward()
                 else:
@@ -172,7 +181,7 @@ class Trainer:
                     part = part / cfg.train.grad_accum
                 total = part if total is None else total + part
                 if acc.sync_gradients:
-                    if phase > 0:                                   # critic-only step: drop score-model gradients
+                    if not phase.trains_model:                      # critic-only step: drop score-model gradients
                         for p in self._score_params:
                             p.grad = None
                     gn, gn_critic = self.clip_gradients()
@@ -183,7 +192,7 @@ class Trainer:
                         if acc.num_processes > 1:
                             bad = acc.reduce(bad, "sum")
                         if bad.any():
-                            self._diverged(step, term, checked, bad)
+                            self._diverged(step, phase.name, checked, bad)
                     self._optimizer_step()
         return total, gn, gn_critic
 
@@ -299,9 +308,10 @@ class Trainer:
             scale = _lr_scale(step, cfg.train.warmup_steps)
             for group, base in zip(self.opt.param_groups, self.base_lrs):
                 group["lr"] = base * scale
-            for k in range(1, self.objective.n_critic):               # extra critic-only steps (0 or 1: none)
-                self._phase(step, k, lambda x0: self.objective.critic_loss(unwrapped, x0), "critic_loss")
-            loss, gn, gn_critic = self._phase(step, 0, lambda x0: self.objective(self.model, x0), term)
+            # the recipe's phases in order (critic-only ones first, the joint one last); seed keys: the joint
+            # phase 0, the critic-only ones 1, 2, ... (the driver's keys before phases() existed)
+            for i, phase in enumerate(self.phases):
+                loss, gn, gn_critic = self._phase(step, 0 if phase.trains_model else i + 1, phase, unwrapped)
             self.ema.update(unwrapped)
             done = step + 1
             bar.update(1)

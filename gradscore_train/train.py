@@ -7,6 +7,8 @@
 Options: ``--output-dir`` (default ``runs/<config folder>-<config name>``), ``--max-steps``,
 ``--resume`` (the latest checkpoint of the output dir, or a given checkpoint folder),
 ``--no-progress``. Everything else lives in the config (gradscore_train/config.py).
+
+A process of a multi-process run ends through ``exit_without_finalization`` (see there why).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from .config import ConfigError, load_config
 
@@ -30,7 +33,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def exit_without_finalization(code: int) -> NoReturn:
+    """End this process now with ``code``, after flushing logging and the standard streams, skipping the
+    interpreter's finalization. For the processes of a multi-process (gloo) run, after their last collective.
+
+    Why: when the main thread is done, a gloo worker thread may still be releasing the last collective's
+    work, which holds tensors owned by Python objects. Once the interpreter finalizes, that thread's attempt
+    to take the GIL exits it inside the C++ destructor and the process aborts with "terminate called without
+    an active exception" (SIGABRT; seen in gdb on a core dump, pytorch/pytorch#190489), so ``accelerate
+    launch`` reports a failed run after a complete one (CHANGELOG.md, Unreleased, has how often).
+    ``destroy_process_group`` does not prevent it: once ``torch._dynamo`` is imported (accelerate and DDP
+    import it), a reference to the process group outlives it, and so do its worker threads. Files written
+    by the run are closed by then (checkpoints, ``metrics.jsonl``, TensorBoard)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv=None) -> int:
+    """The command line; returns the exit code (0, 2 for a config or data error, 3 for a non-finite loss).
+    In a multi-process run the process ends here instead (``exit_without_finalization``)."""
+    code = _main(argv)
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        exit_without_finalization(code)
+    return code
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("accelerate", "matplotlib", "datasets"):

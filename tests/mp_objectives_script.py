@@ -18,6 +18,7 @@ from accelerate import Accelerator
 
 import gradscore as gs
 from gradscore.objectives.asymmetry import draw_probes
+from gradscore_train.train import exit_without_finalization
 
 B, D, ITERS = 16, 2, 2
 
@@ -63,7 +64,7 @@ def main(out_path):
             model, opt = accelerator.prepare(model, opt)
         worst = 0.0
         half = slice(rank * B // world, (rank + 1) * B // world)
-        for it in range(ITERS):
+        for _ in range(ITERS):
             x0, noise = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
             t = torch.rand(B, generator=g) * 0.9 + 0.05
             probes = draw_probes((1, B, D), generator=g)
@@ -74,7 +75,8 @@ def main(out_path):
                 opt.zero_grad()
                 accelerator.backward(call(obj, model, x0[half], t[half], noise[half], probes[:, half], which))
                 unwrapped_critic = accelerator.unwrap_model(obj.critic) if obj.critic is not None else None
-                diff = (grads(accelerator.unwrap_model(model), unwrapped_critic) - grads(ref_model, ref_critic)).abs().max()
+                ddp_grads = grads(accelerator.unwrap_model(model), unwrapped_critic)
+                diff = (ddp_grads - grads(ref_model, ref_critic)).abs().max()
                 worst = max(worst, float(diff))
                 opt.step()
                 ref_opt.step()
@@ -89,3 +91,6 @@ def main(out_path):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # a rank could abort at interpreter exit while a gloo thread releases the last collective's tensors
+    # ("terminate called without an active exception"): end without finalization, as the training CLI does
+    exit_without_finalization(0)

@@ -113,3 +113,14 @@ def test_yaml_12_scalars_and_section_merging(tmp_path):
     assert cfg.train.mixed_precision == "no" and cfg.train.lr == 2e-3 and cfg.train.max_steps == 9
     assert cfg.objective.hparams == {"l2_weight": 0.5} and isinstance(cfg.objective.hparams["l2_weight"], float)
     assert cfg.source == path
+
+
+def test_objective_hparams_errors_name_the_config_file():
+    """The library's validation (OBJECTIVES[name].validate) decides; the driver's ConfigError names the file."""
+    path = os.path.join(ROOT, "configs", "toy", "dual_sobolev.yaml")
+    for override, pattern in [("objective.hparams.n_critic=0", r"objective.hparams: .*n_critic must be int >= 1"),
+                              ("objective.hparams.weighting=sigma", r"objective.hparams: .*weighting must be one of"),
+                              ("objective.hparams.probes=2", r"objective.hparams.probes is not a hyperparameter")]:
+        with pytest.raises(ConfigError, match=pattern) as info:
+            check_objective_config(load_config(path, [override]))
+        assert path in str(info.value)

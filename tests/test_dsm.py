@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from gradscore import DSMLoss, TimeMLP, ScoreModel
+from gradscore import DSMLoss, ScoreModel, TimeMLP
 from gradscore.objectives.dsm import draw_perturbation, residual
 from gradscore.objectives.weighting import WEIGHTINGS, resolve_weighting
 from gradscore.sde import VESDE, VPSDE

@@ -16,7 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.utils.checkpoint import checkpoint
 
-from gradscore import DSMLoss, EnergyScore, TimeMLP, VPSDE
+from gradscore import VPSDE, DSMLoss, EnergyScore, TimeMLP
 from gradscore.parametrisation import call_backbone
 from gradscore.sde import time_tensor
 
@@ -130,7 +130,8 @@ def test_compact_silu_energy_on_a_unet_is_exact_and_saves_less():
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     sde = VPSDE()
     compact = EnergyScore(unet, sde)
     assert sum(type(m) is CompactSiLU for m in compact.modules()) > 5

@@ -30,7 +30,7 @@ def model_and_x(d=3, B=4, seed=0):
 
 def test_probe_is_exact_against_the_dense_jacobian():
     sde, model, x, t = model_and_x()
-    J = torch.stack([dense_jacobians(lambda z: model(z, t[i:i + 1]), x[i:i + 1])[0] for i in range(len(x))])
+    J = torch.stack([dense_jacobians(lambda z, i=i: model(z, t[i:i + 1]), x[i:i + 1])[0] for i in range(len(x))])
     xg = x.clone().requires_grad_(True)
     score = model(xg, t)
     for probe in ("rademacher", "gaussian"):
@@ -42,7 +42,7 @@ def test_probe_is_exact_against_the_dense_jacobian():
 
 def test_average_over_all_sign_vectors_is_half_the_frobenius_norm():
     sde, model, x, t = model_and_x(d=3)
-    J = torch.stack([dense_jacobians(lambda z: model(z, t[i:i + 1]), x[i:i + 1])[0] for i in range(len(x))])
+    J = torch.stack([dense_jacobians(lambda z, i=i: model(z, t[i:i + 1]), x[i:i + 1])[0] for i in range(len(x))])
     frob = 0.5 * (J - J.transpose(1, 2)).pow(2).sum((1, 2))
     xg = x.clone().requires_grad_(True)
     score = model(xg, t)

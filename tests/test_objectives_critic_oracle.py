@@ -82,7 +82,8 @@ def test_dsm_loss_grows_by_the_solenoidal_norm():
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(8))
     dsm = DSMLoss(sde, weighting="none")
     c = 5.0
-    growth = float((dsm(wrong_score(mix, sde, c), x0, t=T, noise=eps) - dsm(wrong_score(mix, sde, 0.0), x0, t=T, noise=eps)).mean())
+    growth = float((dsm(wrong_score(mix, sde, c), x0, t=T, noise=eps)
+                    - dsm(wrong_score(mix, sde, 0.0), x0, t=T, noise=eps)).mean())
     xt, _ = sde.perturb(x0.double(), torch.full((len(x0),), T, dtype=torch.float64), noise=eps.double())
     expected = c**2 * float(mix.score(xt, T, sde).pow(2).sum(1).mean())
     assert abs(growth - expected) < 0.05 * expected, (growth, expected)

@@ -89,7 +89,8 @@ def test_one_backward_gives_descent_for_score_and_ascent_for_critic():
     obj(model, x0, t=t, noise=eps).mean().backward()
     xt = sde.alpha(t)[:, None] * x0 + sde.sigma(t)[:, None] * eps
     sigma = sde.sigma(t)[:, None]
-    J = (2 * ((sigma * model(xt, t) + eps) * sigma * critic(xt, t)).sum(1) - (sigma * critic(xt, t)).pow(2).sum(1)).mean()
+    residual_scaled, critic_scaled = sigma * model(xt, t) + eps, sigma * critic(xt, t)
+    J = (2 * (residual_scaled * critic_scaled).sum(1) - critic_scaled.pow(2).sum(1)).mean()
     dJ_model = torch.autograd.grad(J, list(model.parameters()), retain_graph=True)
     dJ_critic = torch.autograd.grad(J, list(critic.parameters()), allow_unused=True)
     for p, g in zip(model.parameters(), dJ_model):
@@ -178,10 +179,12 @@ def test_critic_objective_is_maximised_at_the_residual():
     from gradscore.critic import critic_objective
 
     g = torch.Generator().manual_seed(0)
-    r, psi = torch.randn(6, 2, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
+    r = torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
+    psi = torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
     value = critic_objective(r, psi)
     assert value.shape == (6,)
-    torch.testing.assert_close(value, r.flatten(1).pow(2).sum(1) - (r - psi).flatten(1).pow(2).sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(value, r.flatten(1).pow(2).sum(1) - (r - psi).flatten(1).pow(2).sum(1),
+                               rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(critic_objective(r, r), r.flatten(1).pow(2).sum(1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(critic_objective(0.3 * r, 0.3 * psi), 0.09 * value, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"residual \(6, 2, 3\) and grad psi \(6, 6\)"):

@@ -2,7 +2,7 @@
 
 Oracle: the energy distance between 2000 reverse-SDE samples (200 steps) and 2000 target samples,
 compared with the L2-trained model at the same step budget, ring8 target. Every objective gets the
-training recipe of the driver (train/): 1500 score steps of a TimeMLP(2, 128, 3), batch 256, one Adam
+training recipe of the driver (gradscore_train): 1500 score steps of a TimeMLP(2, 128, 3), batch 256, one Adam
 optimizer (2e-3) over model + critic, a 50-step linear warm-up, gradient clipping at norm 1, and an EMA
 of the weights (decay 0.99) that is sampled; each step is ``gradscore.train_step``: the objective's
 ``phases()``, ``n_critic - 1`` critic-only ``critic_loss`` steps, then ``objective(model, x0).mean()``.
@@ -50,7 +50,8 @@ def train_and_sample(name, steps=STEPS, seed=0, critic_lr=2e-3, warmup=50, clip=
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1 - ema_decay)
-    x = gs.sample(ema if average else model, sde, (2000, 2), method="sde", steps=200, generator=torch.Generator().manual_seed(1))
+    x = gs.sample(ema if average else model, sde, (2000, 2), method="sde", steps=200,
+                  generator=torch.Generator().manual_seed(1))
     y = mix.sample(2000, generator=torch.Generator().manual_seed(2))
     return gs.energy_distance(x, y)
 

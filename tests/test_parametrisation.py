@@ -133,7 +133,8 @@ def test_energies_closed_forms(gen):
     const = type("C", (nn.Module,), {"forward": lambda self, x, t: c})()
     half_sq = type("H", (nn.Module,), {"forward": lambda self, x, t: 0.5 * x.pow(2).sum(1)})()
     torch.testing.assert_close(EnergyScore(Linear(A), sde, "inner")(x, t), -x @ A.T / sig, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(EnergyScore(Linear(B), sde, "norm")(x, t), -x @ (B.T @ B).T / sig, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(EnergyScore(Linear(B), sde, "norm")(x, t), -x @ (B.T @ B).T / sig,
+                               rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(EnergyScore(const, sde, "residual")(x, t), -(x - c) / sig**2, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(EnergyScore(half_sq, sde, "scalar")(x, t), -x / sig, rtol=1e-10, atol=1e-10)
     custom = EnergyScore(Linear(A), sde, lambda f, x, sigma: (x * f).sum(1))
@@ -284,8 +285,9 @@ def _ddp_model(sde, energy):
 @pytest.mark.parametrize("energy", ["inner", "scalar"])
 def test_energy_score_is_exact_under_ddp(energy, tmp_path, gen):
     """docs/engineering.md, "Double backward": double backward outside the DDP forward gives wrong gradients;
-    EnergyScore takes the gradient inside forward. Oracle: 2 gloo processes, each on half the batch, end with the parameters of one process on the
-    whole batch after 3 SGD steps (float64; tolerance 1e-10: only the order of the gradient all-reduce differs).
+    EnergyScore takes the gradient inside forward. Oracle: 2 gloo processes, each on half the batch, end with the
+    parameters of one process on the whole batch after 3 SGD steps (float64; tolerance 1e-10: only the order of the
+    gradient all-reduce differs).
     energy="scalar" has a parameter that gets no gradient through -grad_x E (the head's last bias): it must still
     work (it used to fail with "Expected to have finished reduction") and that bias must stay put."""
     import torch.multiprocessing as mp

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from gradscore.metrics import frechet_distance, gaussian_stats
-from gradscore.quality import (classifier_frechet_distance, feature_net, inception_fid, mixture_entropy, mixture_nll,
-                               toy_quality)
+from gradscore.quality import (
+    classifier_frechet_distance,
+    feature_net,
+    inception_fid,
+    mixture_entropy,
+    mixture_nll,
+    toy_quality,
+)
 from gradscore.toy import GaussianMixture
 
 

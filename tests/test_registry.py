@@ -144,13 +144,16 @@ def test_validate_fills_defaults_and_names_key_objective_and_expected_type():
     assert gs.OBJECTIVES["l2+dual_sobolev"].validate({"l2_weight": 2}) == {"weighting": "sigma2", "n_critic": 1,
                                                                             "l2_weight": 2.0}
     bad = [  # (objective, hparams, message)
-        ("dual_sobolev", {"n_critic": "two"}, r"objective 'dual_sobolev': n_critic must be int >= 1.*got 'two' \(str\)"),
+        ("dual_sobolev", {"n_critic": "two"},
+         r"objective 'dual_sobolev': n_critic must be int >= 1.*got 'two' \(str\)"),
         ("dual_sobolev", {"n_critic": 2.0}, r"n_critic must be int >= 1.*got 2.0 \(float\)"),
         ("dual_sobolev", {"n_critic": True}, r"n_critic must be int >= 1.*got True \(bool\)"),
-        ("l2+dual_sobolev", {"l2_weight": "1"}, r"'l2\+dual_sobolev': l2_weight must be a non-negative number.*\(str\)"),
+        ("l2+dual_sobolev", {"l2_weight": "1"},
+         r"'l2\+dual_sobolev': l2_weight must be a non-negative number.*\(str\)"),
         ("l2+dual_sobolev", {"l2_weight": float("nan")}, r"l2_weight must be a non-negative number.*nan"),
         ("asymmetry", {"probe": "sphere"}, r"probe must be one of \['rademacher', 'gaussian'\]"),
-        ("asymmetry", {"penalty_weighting": "paper"}, r"penalty_weighting must be one of \['lambda_sigma2', 'sigma2'\]"),
+        ("asymmetry", {"penalty_weighting": "paper"},
+         r"penalty_weighting must be one of \['lambda_sigma2', 'sigma2'\]"),
         ("l2", {"weighting": 3}, r"'l2': weighting must be one of \['likelihood', 'none', 'sigma2'\].*got 3 \(int\)"),
         ("l2", {"lr": 1e-3}, r"unknown hyperparameter\(s\) \['lr'\] for objective 'l2'; valid: \['weighting'\]"),
     ]

@@ -79,8 +79,9 @@ def test_heun_ode_zero_effect_is_a_pure_rotation():
     so in exact arithmetic the c = 2 endpoint is the c = 0 endpoint rotated: same radius for every sample.
     Tolerance from the step size: Heun's local error on z = h lambda (|lambda| = |a + i b|) is |z|^3 / 6 per step,
     so the relative radius mismatch of the two runs is below sum_i |z_i|^3 / 3 (~0.018 at 200 steps; measured 3e-4).
-    Control (docs/theory.md §3 caveat): an explicit Euler step would inflate the radius by prod_i sqrt(1 + h^2 b_i^2) - 1,
-    which is larger than that tolerance, so the check is sharp enough to tell the schemes apart."""
+    Control (docs/theory.md §3 caveat): an explicit Euler step would inflate the radius by
+    prod_i sqrt(1 + h^2 b_i^2) - 1, which is larger than that tolerance, so the check is sharp enough to tell the
+    schemes apart."""
     sde, v, c = VPSDE(), 0.5, 2.0
     gm = GaussianMixture(torch.zeros(1, 2, dtype=F64), v * torch.eye(2, dtype=F64)[None])
     g = torch.Generator().manual_seed(0)

@@ -112,7 +112,9 @@ def test_perturb_per_sample_times_and_prior(name, gen):
     torch.testing.assert_close(xt, expected)
     assert sde.alpha(t).shape == sde.sigma(t).shape == sde.g2(t).shape == (5,)
     xp = sde.prior_sample((7, 4), generator=gen, dtype=torch.float64)
-    ref = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(sde.prior_std(), dtype=torch.float64)).log_prob(xp).sum(1)
+    prior = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
+                                       torch.tensor(sde.prior_std(), dtype=torch.float64))
+    ref = prior.log_prob(xp).sum(1)
     torch.testing.assert_close(sde.prior_log_prob(xp), ref, rtol=1e-10, atol=1e-10)
     ts = sde.sample_time(1000, generator=gen)
     assert ts.shape == (1000,) and ts.min() >= sde.t_min and ts.max() <= sde.T

@@ -5,7 +5,8 @@ import torch
 from gradscore.sde import VESDE, VPSDE, DiscreteVPSDE
 from gradscore.toy import PRESETS, GaussianMixture, add_zero_effect, skew_matrix
 
-SDES = {"vp": VPSDE(), "ve": VESDE(0.01, 10.0), "discrete_vp": DiscreteVPSDE(torch.linspace(0.9999, 1e-4, 1000).cumprod(0).clamp(min=1e-6))}
+SDES = {"vp": VPSDE(), "ve": VESDE(0.01, 10.0),
+        "discrete_vp": DiscreteVPSDE(torch.linspace(0.9999, 1e-4, 1000).cumprod(0).clamp(min=1e-6))}
 
 
 def random_mixture(d, K, gen):
@@ -18,10 +19,12 @@ def random_mixture(d, K, gen):
 
 
 def reference_log_prob(gm, x, t, sde):
-    """Independent oracle: torch.distributions mixture of N(alpha_t mu_k, alpha_t^2 Sigma_k + sigma_t^2 I), one per sample."""
+    """Independent oracle: torch.distributions mixture of N(alpha_t mu_k, alpha_t^2 Sigma_k + sigma_t^2 I), one per
+    sample."""
     a, s = sde.alpha(t), sde.sigma(t)                                              # [B]
     loc = a[:, None, None] * gm.means[None]                                        # [B, K, d]
-    cov = a[:, None, None, None] ** 2 * gm.covs[None] + s[:, None, None, None] ** 2 * torch.eye(gm.dim, dtype=torch.float64)
+    eye = torch.eye(gm.dim, dtype=torch.float64)
+    cov = a[:, None, None, None] ** 2 * gm.covs[None] + s[:, None, None, None] ** 2 * eye          # [B, K, d, d]
     comp = torch.distributions.MultivariateNormal(loc, covariance_matrix=cov)
     mix = torch.distributions.Categorical(probs=gm.weights.expand(len(t), -1))
     return torch.distributions.MixtureSameFamily(mix, comp).log_prob(x)
@@ -37,7 +40,8 @@ def test_score_is_gradient_of_log_prob(sde_name, d, gen):
     gm = random_mixture(d, 4, gen)
     B = 64
     t = torch.rand(B, generator=gen, dtype=torch.float64) * 0.98 + 0.01
-    x = gm.sample_marginal(B, 0.3, sde, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(B, d, generator=gen, dtype=torch.float64)
+    x = (gm.sample_marginal(B, 0.3, sde, generator=gen, dtype=torch.float64)
+         + 0.5 * torch.randn(B, d, generator=gen, dtype=torch.float64))
     logp = gm.log_prob(x, t, sde)
     torch.testing.assert_close(logp, reference_log_prob(gm, x, t, sde), rtol=1e-9, atol=1e-9)
     xg = x.clone().requires_grad_(True)
@@ -75,7 +79,10 @@ def test_samples_have_the_mixture_moments(t, gen):
     sde = VPSDE()
     gm = GaussianMixture.preset("anisotropic")
     n = 40000
-    x = gm.sample(n, generator=gen, dtype=torch.float64) if t == 0 else gm.sample_marginal(n, t, sde, generator=gen, dtype=torch.float64)
+    if t == 0:
+        x = gm.sample(n, generator=gen, dtype=torch.float64)
+    else:
+        x = gm.sample_marginal(n, t, sde, generator=gen, dtype=torch.float64)
     a, s = (1.0, 0.0) if t == 0 else (float(sde.alpha(t)), float(sde.sigma(t)))
     mean, cov = _mixture_moments(gm, a, s)
     xc = x - x.mean(0)
@@ -83,7 +90,8 @@ def test_samples_have_the_mixture_moments(t, gen):
     assert torch.all((x.mean(0) - mean).abs() < 5 * se_mean), (x.mean(0), mean)
     prod = xc[:, :, None] * xc[:, None, :]
     se_cov = (prod.var(0) / n).sqrt()
-    assert torch.all((prod.mean(0) - cov).abs() < 5 * se_cov + 5 * se_mean[:, None] * se_mean[None, :]), (prod.mean(0), cov)
+    tolerance = 5 * se_cov + 5 * se_mean[:, None] * se_mean[None, :]
+    assert torch.all((prod.mean(0) - cov).abs() < tolerance), (prod.mean(0), cov)
 
 
 def test_presets():

@@ -88,3 +88,7 @@ if __name__ == "__main__":   # run under accelerate launch by the test above
                 ps += list(build_critic(cfg, sde, src.shape).parameters())
             torch.save(torch.cat([p.detach().flatten() for p in ps]),
                        os.path.join(out_root, f"{kind}-{objective}-init.pt"))
+    # a rank could abort at interpreter exit while a gloo thread releases the last collective's tensors
+    # ("terminate called without an active exception"): end without finalization, as the training CLI does
+    from gradscore_train.train import exit_without_finalization
+    exit_without_finalization(0)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gradscore_train.checkpoint import checkpoint_dirs, latest_checkpoint, read_step
+from gradscore.objectives import Objective
+from gradscore_train.checkpoint import checkpoint_dirs, latest_checkpoint, read_step, save_checkpoint
 from gradscore_train.config import load_config
 from gradscore_train.loop import NonFiniteLoss, run
 
@@ -65,12 +66,14 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, kind, objective):
         assert lp[s] == pytest.approx(lf[s], abs=1e-6)
 
 
-class _NaNAfter:
-    """Wraps an objective: per-sample losses become NaN from call ``k`` on (a diverging run)."""
+class _NaNAfter(Objective):
+    """Wraps an objective without a critic: per-sample losses become NaN from call ``k`` on (a diverging
+    run). Its ``phases()`` (the base class's) is the one joint phase calling the wrapper."""
 
     def __init__(self, inner, k):
+        assert inner.n_critic == 0, "the wrapper has no critic_loss"
         self.inner, self.k, self.calls = inner, k, 0
-        self.critic, self.n_critic = getattr(inner, "critic", None), getattr(inner, "n_critic", 0)
+        self.name, self.hparams = inner.name, inner.hparams
 
     def __call__(self, model, x0):
         self.calls += 1
@@ -108,6 +111,39 @@ def test_partial_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
     (crashed / "model.safetensors").write_bytes(b"truncated")
     assert read_step(latest_checkpoint(str(tmp_path))) == 4
     assert run(cfg, str(tmp_path), max_steps=5, resume="latest", progress=False)["step"] == 5
+
+
+def test_checkpoint_is_renamed_only_after_every_rank_has_saved(tmp_path, monkeypatch):
+    """``save_state`` is collective and every rank writes its own files (its random state) into the
+    temporary folder, so the main process may rename that folder only after a barrier that follows
+    ``save_state``. Without it, 2-process runs of the CLI failed 6 times in 40 with rank 1's "Parent
+    directory .../.tmp-step-0000003 does not exist". Oracle: the order of the calls seen by a recording
+    accelerator (one process plays the main rank; the other rank's file is written by its save_state)."""
+    events = []
+
+    class RecordingAccelerator:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            events.append("barrier")
+
+        def save_state(self, path):
+            events.append("save_state")
+            open(os.path.join(path, "random_states_1.pkl"), "w").close()
+
+        def unwrap_model(self, model):
+            return model
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    final = save_checkpoint(RecordingAccelerator(), str(tmp_path), 3, torch.nn.Linear(2, 2), None, {"seed": 0}, 2)
+    assert events == ["barrier", "save_state", "barrier", "rename", "barrier"]
+    assert os.path.isfile(os.path.join(final, "random_states_1.pkl")) and read_step(final) == 3
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from gradscore.nets import TimeMLP
+from gradscore.objectives import Objective
 from gradscore_train.config import load_config
 from gradscore_train.data import micro_seed
 from gradscore_train.ema import EMA
@@ -85,12 +86,14 @@ class _InfGrad(torch.autograd.Function):
         return g * float("inf")
 
 
-class _InfGradientAfter:
-    """Wraps an objective: from call ``k`` on the loss stays finite but its gradient is infinite."""
+class _InfGradientAfter(Objective):
+    """Wraps an objective without a critic: from call ``k`` on the loss stays finite but its gradient is
+    infinite. Its ``phases()`` (the base class's) is the one joint phase calling the wrapper."""
 
     def __init__(self, inner, k):
+        assert inner.n_critic == 0, "the wrapper has no critic_loss"
         self.inner, self.k, self.calls = inner, k, 0
-        self.critic, self.n_critic = inner.critic, inner.n_critic
+        self.name, self.hparams = inner.name, inner.hparams
 
     def __call__(self, model, x0):
         self.calls += 1
@@ -160,3 +163,46 @@ def test_both_gradient_norms_are_logged(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert 0 < r["train/grad_norm"] < float("inf") and 0 < r["train/critic_grad_norm"] < float("inf")
+
+
+def test_the_driver_step_is_the_objectives_phases_in_order(tmp_path, monkeypatch):
+    """One driver step runs ``objective.phases()`` in order, one optimizer step each: for dual_sobolev
+    with n_critic=3 two critic-only phases, then the joint one. Oracle on the weights each phase sees:
+    a critic-only phase moves the critic but leaves the score model bitwise as it was (its gradients
+    are dropped, AdamW skips parameters without gradient), the joint phase moves both."""
+    import gradscore_train.loop as loop
+    from gradscore.objectives import Phase
+
+    def snapshot(module):
+        return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
+
+    calls = []
+    real = loop.objective_from_config
+
+    def recording(cfg, sde, critic=None):
+        objective = real(cfg, sde, critic)
+        base_phases = objective.phases
+
+        def phases():
+            def recorded(phase):
+                def loss(model, x0, **kwargs):
+                    calls.append((phase.name, phase.trains_model, snapshot(model), snapshot(objective.critic)))
+                    return phase.loss(model, x0, **kwargs)
+                return Phase(phase.name, loss, phase.trains_model)
+            return tuple(recorded(phase) for phase in base_phases())
+
+        objective.phases = phases
+        return objective
+
+    monkeypatch.setattr(loop, "objective_from_config", recording)
+    cfg = load_config(os.path.join(ROOT, "configs", "toy", "dual_sobolev.yaml"),
+                      ["objective.hparams.n_critic=3", "model.hidden=16", "model.depth=2", "critic.hidden=8",
+                       "critic.depth=2", "train.batch_size=16", "train.warmup_steps=0", "train.checkpoint_every=0",
+                       "eval.quality=false", "eval.num_samples=8", "eval.sample_steps=2", "eval.diag_samples=16",
+                       "eval.diag_times=[0.5]"])
+    run(cfg, str(tmp_path), max_steps=2, progress=False)
+    recipe = [("critic_loss", False), ("critic_loss", False), ("dual_sobolev", True)]
+    assert [(name, trains) for name, trains, _, _ in calls] == recipe * 2
+    for (_, trains_model, score, critic), (_, _, score_next, critic_next) in zip(calls, calls[1:]):
+        assert torch.equal(score, score_next) != trains_model
+        assert not torch.equal(critic, critic_next)
