@@ -13,17 +13,18 @@ from .objectives import (
     Objective,
     ObjectiveSpec,
     build_objective,
+    prepare,
     train_step,
 )
 from .parametrisation import ENERGIES, EnergyScore, ScoreModel
-from .sampling import sample
-from .sde import SDE, VESDE, VPSDE, DiscreteVPSDE
+from .sampling import guided_score, sample
+from .sde import EDMSDE, SDE, VESDE, VPSDE, DiscreteVPSDE
 
 __version__ = "0.1.0"
 __all__ = [
-    "SDE", "VPSDE", "VESDE", "DiscreteVPSDE",
+    "SDE", "VPSDE", "VESDE", "EDMSDE", "DiscreteVPSDE",
     "ScoreModel", "EnergyScore", "ENERGIES", "TimeMLP",
-    "DSMLoss", "sample", "energy_distance", "sliced_wasserstein", "toy",
+    "DSMLoss", "sample", "guided_score", "energy_distance", "sliced_wasserstein", "toy",
     "Critic", "DualSobolevLoss", "EnergyDSMLoss", "AsymmetryPenalty", "OBJECTIVES", "ObjectiveSpec", "build_objective",
-    "Objective", "train_step", "diagnostics",
+    "Objective", "train_step", "prepare", "diagnostics",
 ]

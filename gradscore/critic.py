@@ -5,19 +5,25 @@ The critic is trained to maximise ``J(psi) = E[2 r . grad psi - |grad psi|^2]`` 
 sample) with the DSM residual ``r = s_theta(x_t, t) + eps / sigma_t``; at the optimum ``grad psi = Pi_G e_t``.
 Because ``r`` is of order ``eps / sigma_t``, the potential is ``psi = psi~ / sigma_t`` with ``psi~`` the
 backbone's output: a plain network (outputs of order one) then has the right scale at every ``t``, exactly
-as ``EnergyScore`` does for the score.
+as ``EnergyScore`` does for the score. ``psi~`` is the backbone's scalar output, or ``<x, f(x, t)> / 2`` for a
+backbone ``f`` whose output is shaped like ``x`` (``potential="inner"``: any image network, a diffusers
+``UNet2DModel`` included, becomes an image critic). Conditioning keywords (``**cond``) go to the backbone unchanged.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from .double_backward import compact_silu as _convert_silu
 from .double_backward import input_gradient, math_attention
-from .parametrisation import call_backbone, scalar_per_sample
+from .parametrisation import call_backbone, resolve_time_input, scalar_per_sample
 from .sde import SDE, time_tensor
 
-__all__ = ["Critic", "critic_objective"]
+__all__ = ["Critic", "critic_objective", "POTENTIALS"]
+
+POTENTIALS = ("auto", "scalar", "inner")
 
 
 def critic_objective(residual: torch.Tensor, grad_psi: torch.Tensor) -> torch.Tensor:
@@ -35,15 +41,19 @@ class Critic(nn.Module):
     """``grad_x psi(x, t)`` from a scalar backbone, computed inside ``forward``.
 
     Args:
-        backbone: module ``(x, t) -> [B]`` (or ``[B, 1]``), one scalar per sample; any backbone
-            accepted by ``call_backbone`` (``TimeMLP(d, out_dim=1)``, a diffusers model...).
+        backbone: module ``(x, time, **cond)`` returning one scalar per sample (``[B]`` or ``[B, 1]``:
+            ``TimeMLP(d, out_dim=1)``, a conv net with a scalar head) or a tensor shaped like ``x`` (a
+            ``UNet2DModel``); any backbone accepted by ``call_backbone``.
         sde: the forward process (for ``sigma_t`` and diffusers timesteps).
-        time_input: ``"auto"``, ``"t"`` or ``"timestep"`` (see ``call_backbone``).
+        time_input: ``"auto"``, ``"t"`` or ``"timestep"`` (see ``parametrisation.resolve_time_input``).
+        potential: ``"scalar"`` (the default: ``psi~ = f``, one number per sample; any other output raises),
+            ``"inner"`` (``psi~ = <x, f> / 2`` with ``f`` shaped like ``x``: the image critic
+            ``Critic(UNet2DModel(...), sde, potential="inner")``) or ``"auto"`` (decided by the output's shape).
         compact_silu: converts the backbone's ``nn.SiLU`` modules to ``CompactSiLU`` in place (same
             function, same state dict; its double backward saves less memory, docs/engineering.md
             "Double backward"); ``False`` leaves the backbone untouched.
-    Shapes: ``forward(x: [B, *D], t: [B] or float) -> grad_x psi [B, *D]``;
-    ``potential(x, t) -> psi [B]``.
+    Shapes: ``forward(x: [B, *D], t: [B] or float, **cond) -> grad_x psi [B, *D]``;
+    ``potential(x, t, **cond) -> psi [B]``.
 
     The gradient is taken inside ``forward`` (with ``create_graph`` whenever grad mode is on) so a
     DDP-wrapped critic sees one ordinary graph. Parameters that ``grad_x psi`` does not depend on
@@ -51,23 +61,35 @@ class Critic(nn.Module):
     with ``find_unused_parameters=False`` (accelerate's default) does not wait for them.
     """
 
-    def __init__(self, backbone: nn.Module, sde: SDE, time_input: str = "auto", *, compact_silu: bool = True):
+    def __init__(self, backbone: nn.Module, sde: SDE, time_input: str = "auto", *, potential: str = "scalar",
+                 compact_silu: bool = True):
         super().__init__()
-        if time_input not in ("auto", "t", "timestep"):
-            raise ValueError(f"time_input must be 'auto', 't' or 'timestep', got {time_input!r}")
+        if potential not in POTENTIALS:
+            raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+        time_input = resolve_time_input(backbone, time_input)
         if compact_silu:
             _convert_silu(backbone)
-        self.backbone, self.sde, self.time_input = backbone, sde, time_input
+        self.backbone, self.sde, self.time_input, self.potential_kind = backbone, sde, time_input, potential
 
-    def potential(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    def potential(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """``psi(x, t) = psi~(x, t) / sigma_t``, shape ``[B]``."""
         t = time_tensor(t, x, batch=x.shape[0])
         with math_attention():
-            out = call_backbone(self.backbone, x, t, self.sde, self.time_input)
-        out = scalar_per_sample(out, x.shape[0], "the critic backbone")
+            out = call_backbone(self.backbone, x, t, self.sde, self.time_input, **cond)
+        kind = self.potential_kind
+        if kind == "auto":
+            kind = "inner" if out.shape == x.shape else "scalar"
+        if kind == "inner":
+            if out.shape != x.shape:
+                raise ValueError(f"potential='inner' needs a critic backbone output shaped like x {tuple(x.shape)}, "
+                                 f"got {tuple(out.shape)}")
+            out = 0.5 * (x * out.to(x.dtype)).flatten(1).sum(1)
+        else:
+            out = scalar_per_sample(out, x.shape[0], "the critic backbone (potential='scalar'; for a backbone shaped "
+                                    "like x, such as a UNet2DModel, use potential='inner')")
         return out.to(x.dtype) / self.sde.sigma(t).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         t = time_tensor(t, x, batch=x.shape[0])
-        grad, _ = input_gradient(self.potential, x, t)
+        grad, _ = input_gradient(lambda x_, t_: self.potential(x_, t_, **cond), x, t)
         return grad.to(x.dtype)

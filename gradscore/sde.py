@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SDE", "VPSDE", "VESDE", "DiscreteVPSDE", "broadcast_to", "time_tensor"]
+__all__ = ["SDE", "VPSDE", "VESDE", "EDMSDE", "DiscreteVPSDE", "broadcast_to", "time_tensor"]
 
 
 def broadcast_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -219,6 +219,46 @@ class VESDE(SDE):
 
     def config(self) -> dict[str, float | int | str]:
         return {"type": "ve", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "t_min": self.t_min}
+
+
+class EDMSDE(VESDE):
+    """EDM's process (Karras et al. 2022; docs/theory.md §9.4): ``x = x_0 + sigma n`` (a VE process in ``sigma``),
+    with EDM's training distribution and network conditioning.
+
+    ``sigma_t = sigma_min (sigma_max / sigma_min)^t`` (``VESDE``; defaults EDM's ``[0.002, 80]``), so ``log sigma_t``
+    is affine in ``t``; ``sample_time`` draws EDM's lognormal noise levels, ``log sigma ~ N(P_mean, P_std^2)``
+    restricted to ``[sigma(t_min), sigma_max]`` (exactly, by the inverse normal CDF), returned as times;
+    ``timestep(t) = c_noise = log(sigma_t) / 4``, the time input of EDM's networks. ``sigma_data`` is the data
+    standard deviation used by ``ScoreModel(output="edm")`` and ``weighting="edm"``.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
+                 P_mean: float = -1.2, P_std: float = 1.2, t_min: float = 0.0):
+        super().__init__(sigma_min, sigma_max, t_min=t_min)
+        if not sigma_data > 0 or not P_std > 0:
+            raise ValueError(f"EDMSDE needs sigma_data > 0 and P_std > 0, got sigma_data={sigma_data}, P_std={P_std}")
+        self.sigma_data, self.P_mean, self.P_std = float(sigma_data), float(P_mean), float(P_std)
+
+    def sample_time(self, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Times whose noise levels are lognormal, ``log sigma_t ~ N(P_mean, P_std^2)`` restricted to
+        ``[log sigma(t_min), log sigma_max]``; shape ``[n]``."""
+        log_ratio = math.log(self.sigma_max / self.sigma_min)
+        lo = (math.log(self.sigma_min) + self.t_min * log_ratio - self.P_mean) / self.P_std
+        hi = (math.log(self.sigma_max) - self.P_mean) / self.P_std
+        cdf = lambda z: 0.5 * math.erfc(-z / math.sqrt(2))                  # noqa: E731
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        z = torch.special.ndtri(cdf(lo) + (cdf(hi) - cdf(lo)) * u)
+        t = (self.P_mean + self.P_std * z - math.log(self.sigma_min)) / log_ratio
+        return t.clamp(self.t_min, self.T).to(dtype or torch.get_default_dtype())
+
+    def timestep(self, t: float | torch.Tensor) -> torch.Tensor:
+        """EDM's ``c_noise = log(sigma_t) / 4``."""
+        return self.sigma(t).log() / 4
+
+    def config(self) -> dict[str, float | int | str]:
+        return {"type": "edm", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "sigma_data": self.sigma_data,
+                "P_mean": self.P_mean, "P_std": self.P_std, "t_min": self.t_min}
 
 
 def _pchip_slopes(y: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ Under a linear-Gaussian process ``x_t = alpha_t x_0 + sigma_t eps`` a mixture
 ``sum_k pi_k N(mu_k, Sigma_k)`` stays a mixture: ``p_t = sum_k pi_k N(alpha_t mu_k, C_k)`` with
 ``C_k = alpha_t^2 Sigma_k + sigma_t^2 I``. With ``Sigma_k = U_k diag(lam_k) U_k^T`` every ``C_k``
 shares ``U_k``, so log-densities and scores are exact and cheap for per-sample times.
+``ConditionalGaussianMixture`` is a label-indexed family ``p_0(x | y)``, one mixture per label, with the
+exact conditional score per label and the exact marginal (null-label) score (docs/theory.md §8.7).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 
 from .sde import SDE, time_tensor
 
-__all__ = ["GaussianMixture", "PRESETS", "add_zero_effect", "skew_matrix"]
+__all__ = ["GaussianMixture", "ConditionalGaussianMixture", "PRESETS", "CONDITIONAL_PRESETS", "add_zero_effect",
+           "skew_matrix"]
 
 
 class GaussianMixture:
@@ -141,6 +144,117 @@ def _anisotropic():
 
 
 PRESETS = {"ring8": _ring8, "grid9": _grid9, "pair": _pair, "anisotropic": _anisotropic}
+
+
+# ----------------------------------------------------------------------------- conditional family
+class ConditionalGaussianMixture:
+    """A class-conditional target: label ``y`` in ``{0, ..., L-1}`` has its own mixture ``p_0(x | y)``.
+
+    Args:
+        mixtures: ``L`` ``GaussianMixture`` of one dimension ``d``.
+        label_weights: ``[L]`` positive label probabilities (``None``: uniform).
+    The label ``null_label = L`` stands for "no condition": its density and score are the marginal
+    ``p_0(x) = sum_y pi_y p_0(x | y)`` (``marginal()``), what a guidance-trained model learns for a
+    dropped label. Labels are an integer tensor ``class_labels: [B]`` aligned with ``x: [B, d]``;
+    ``score_fn(sde)`` is the exact conditional score ``(x, t, class_labels) -> [B, d]``.
+    """
+
+    def __init__(self, mixtures: list[GaussianMixture], label_weights: torch.Tensor | list | None = None):
+        mixtures = list(mixtures)
+        if not mixtures or any(not isinstance(m, GaussianMixture) for m in mixtures):
+            raise TypeError("mixtures must be a non-empty list of GaussianMixture")
+        dims = {m.dim for m in mixtures}
+        if len(dims) != 1:
+            raise ValueError(f"every label's mixture must have one dimension, got {sorted(dims)}")
+        L = len(mixtures)
+        if label_weights is None:
+            label_weights = torch.full((L,), 1.0 / L, dtype=torch.float64)
+        label_weights = torch.as_tensor(label_weights, dtype=torch.float64)
+        if label_weights.shape != (L,) or not torch.all(label_weights > 0):
+            raise ValueError(f"label_weights must be [L] = [{L}] and positive, got {label_weights.tolist()}")
+        self.mixtures, self.label_weights = mixtures, label_weights / label_weights.sum()
+        self.num_labels, self.null_label, self.dim = L, L, dims.pop()
+        self._marginal = GaussianMixture(
+            torch.cat([m.means for m in mixtures]), torch.cat([m.covs for m in mixtures]),
+            torch.cat([w * m.weights for w, m in zip(self.label_weights, mixtures)]))
+
+    def marginal(self) -> GaussianMixture:
+        """``p_0(x) = sum_y pi_y p_0(x | y)`` as one mixture (the null label's target)."""
+        return self._marginal
+
+    def _by_label(self, class_labels: torch.Tensor, batch: int) -> list[tuple[GaussianMixture, torch.Tensor]]:
+        y = torch.as_tensor(class_labels)
+        if y.shape != (batch,) or y.is_floating_point():
+            raise ValueError(f"class_labels must be an integer tensor [B] = [{batch}], got {y.dtype} {tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.null_label):
+            raise ValueError(f"class_labels must lie in 0..{self.null_label} (null_label = {self.null_label}), "
+                             f"got values in [{int(y.min())}, {int(y.max())}]")
+        mixtures = [*self.mixtures, self._marginal]
+        return [(mixtures[k], (y == k).nonzero()[:, 0].to(y.device)) for k in y.unique().tolist()]
+
+    def _per_label(self, method: str, x: torch.Tensor, t: float | torch.Tensor, sde: SDE | None,
+                   class_labels: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        t_all = time_tensor(t, x, batch=x.shape[0])
+        for mixture, idx in self._by_label(class_labels, x.shape[0]):
+            out[idx] = getattr(mixture, method)(x[idx], t_all[idx], sde)
+        return out
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x [n, d], y [n])``: labels ``y ~ pi`` then ``x ~ p_0(x | y)``."""
+        y = torch.multinomial(self.label_weights, n, replacement=True, generator=generator)
+        return self.sample_given(y, generator=generator, dtype=dtype), y
+
+    def sample_given(self, class_labels: torch.Tensor, generator: torch.Generator | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``x [n, d]`` with ``x_i ~ p_0(x | y_i)`` (the null label samples the marginal)."""
+        y = torch.as_tensor(class_labels)
+        x = torch.empty(y.shape[0], self.dim, dtype=dtype)
+        for mixture, idx in self._by_label(y, y.shape[0]):
+            x[idx] = mixture.sample(idx.numel(), generator=generator, dtype=dtype)
+        return x
+
+    def log_prob(self, x: torch.Tensor, t: float | torch.Tensor = 0.0, sde: SDE | None = None, *,
+                 class_labels: torch.Tensor) -> torch.Tensor:
+        """``log p_t(x | y)``, ``[B]``."""
+        return self._per_label("log_prob", x, t, sde, class_labels, (x.shape[0],))
+
+    def score(self, x: torch.Tensor, t: float | torch.Tensor = 0.0, sde: SDE | None = None, *,
+              class_labels: torch.Tensor) -> torch.Tensor:
+        """``grad_x log p_t(x | y)``, ``[B, d]`` (the marginal's score where ``y = null_label``)."""
+        return self._per_label("score", x, t, sde, class_labels, tuple(x.shape))
+
+    def score_fn(self, sde: SDE) -> Callable[..., torch.Tensor]:
+        """The exact conditional score as a callable ``(x, t, class_labels) -> [B, d]``."""
+        return lambda x, t, class_labels: self.score(x, t, sde, class_labels=class_labels)
+
+    @classmethod
+    def preset(cls, name: str) -> ConditionalGaussianMixture:
+        """A named 2-D conditional family: one of ``CONDITIONAL_PRESETS``."""
+        if name not in CONDITIONAL_PRESETS:
+            raise ValueError(f"unknown conditional preset {name!r}; choose one of {sorted(CONDITIONAL_PRESETS)}")
+        return CONDITIONAL_PRESETS[name]()
+
+    def __repr__(self) -> str:
+        return f"ConditionalGaussianMixture(L={self.num_labels}, d={self.dim})"
+
+
+def _ring8_pairs():
+    """ring8 split into 4 labels of 2 neighbouring components each (weights 0.2, 0.3, 0.25, 0.25)."""
+    ring = _ring8()
+    return ConditionalGaussianMixture(
+        [GaussianMixture(ring.means[2 * y:2 * y + 2], ring.covs[2 * y:2 * y + 2], [0.4, 0.6]) for y in range(4)],
+        [0.2, 0.3, 0.25, 0.25])
+
+
+def _three_shapes():
+    """3 labels: the pair, the anisotropic mixture, a single Gaussian."""
+    return ConditionalGaussianMixture(
+        [_pair(), _anisotropic(), GaussianMixture([[0.5, 1.5]], 0.05 * torch.eye(2)[None])])
+
+
+CONDITIONAL_PRESETS = {"ring8_pairs": _ring8_pairs, "three_shapes": _three_shapes}
 
 
 # ----------------------------------------------------------------------------- zero-effect perturbation

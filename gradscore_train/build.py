@@ -21,7 +21,7 @@ from .config import Config, ConfigError
 from .data import build_source
 
 __all__ = ["objective_spec", "build_sde", "build_backbone", "build_score_model", "build_critic",
-           "objective_from_config", "check_objective_config", "load_trained", "ScalarUNet"]
+           "objective_from_config", "check_objective_config", "load_trained"]
 
 
 def objective_spec(name: str) -> ObjectiveSpec:
@@ -90,18 +90,6 @@ def build_backbone(cfg: Config, shape, scalar: bool = False) -> nn.Module:
     return _unet(shape, m)
 
 
-class ScalarUNet(nn.Module):
-    """A scalar field ``psi(x, t) = <x, f(x, t)> / 2`` from a small UNet ``f`` (image critics); ``[B]``."""
-
-    def __init__(self, unet: nn.Module, sde: SDE):
-        super().__init__()
-        self.unet, self.sde = unet, sde
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        f = self.unet(x, self.sde.timestep(t)).sample
-        return 0.5 * (x * f.to(x.dtype)).flatten(1).sum(1)
-
-
 def build_score_model(cfg: Config, sde: SDE, shape, spec) -> nn.Module:
     if spec.parametrisation == "energy":
         backbone = build_backbone(cfg, shape, scalar=cfg.model.energy == "scalar")
@@ -119,7 +107,7 @@ def build_critic(cfg: Config, sde: SDE, shape) -> nn.Module:
     else:
         m = type(cfg.model)(kind="unet", block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
                             norm_num_groups=c.norm_num_groups, attention=False)
-        backbone = ScalarUNet(_unet(shape, m), sde)
+        return Critic(_unet(shape, m), sde, potential="inner")         # psi~ = <x, f(x, t)> / 2, the image critic
     return Critic(backbone, sde)
 
 

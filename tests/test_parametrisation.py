@@ -18,21 +18,27 @@ F64 = torch.float64
 class GaussianOracle(nn.Module):
     """Exact predictions for data N(m, s0^2 I): score -(x - a m) / (a^2 s0^2 + sigma^2), noise -sigma * score,
     clean data E[x0 | x_t] = m + a s0^2 (x - a m) / (a^2 s0^2 + sigma^2) (Gaussian posterior mean, computed
-    independently of Tweedie's formula)."""
+    independently of Tweedie's formula), velocity E[v | x_t] = a E[eps | x_t] - sigma E[x0 | x_t]. For "edm" the
+    input is (c_in x~, c_noise) in EDM's variables (x~ = x0 + s n, s = exp(4 c_noise)): from the posterior mean
+    D = m + s0^2 (x~ - m) / (s0^2 + s^2) it returns F = (D - c_skip x~) / c_out (EDM's definitions, sigma_data sd)."""
 
-    def __init__(self, sde, m, s0, kind):
+    def __init__(self, sde, m, s0, kind, sd=0.5):
         super().__init__()
-        self.sde, self.m, self.s0, self.kind = sde, m, s0, kind
+        self.sde, self.m, self.s0, self.kind, self.sd = sde, m, s0, kind, sd
 
     def forward(self, x, t):
+        if self.kind == "edm":
+            s = broadcast_to(torch.exp(4 * t), x)
+            norm = (s**2 + self.sd**2).sqrt()
+            x_ve = x * norm                                                  # c_in = 1 / norm
+            D = self.m + self.s0**2 * (x_ve - self.m) / (self.s0**2 + s**2)
+            c_skip, c_out = self.sd**2 / norm**2, s * self.sd / norm
+            return (D - c_skip * x_ve) / c_out
         a, s = broadcast_to(self.sde.alpha(t), x), broadcast_to(self.sde.sigma(t), x)
         var = a**2 * self.s0**2 + s**2
         score = -(x - a * self.m) / var
-        if self.kind == "score":
-            return score
-        if self.kind == "eps":
-            return -s * score
-        return self.m + a * self.s0**2 * (x - a * self.m) / var
+        x0 = self.m + a * self.s0**2 * (x - a * self.m) / var
+        return {"score": score, "eps": -s * score, "x0": x0, "v": a * (-s * score) - s * x0}[self.kind]
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.01, 10.0)], ids=["vp", "ve"])
@@ -44,7 +50,8 @@ def test_score_model_conversions_agree(sde, gen):
     t = torch.rand(16, generator=gen, dtype=F64) * 0.98 + 0.01
     exact = GaussianOracle(sde, m, s0, "score")(x, t)
     for kind in ScoreModel.OUTPUTS:
-        model = ScoreModel(GaussianOracle(sde, m, s0, kind), sde, output=kind)
+        extra = {"sigma_data": 0.5} if kind == "edm" else {}
+        model = ScoreModel(GaussianOracle(sde, m, s0, kind), sde, output=kind, **extra)
         torch.testing.assert_close(model(x, t), exact, rtol=1e-10, atol=1e-10)
 
 
@@ -69,13 +76,14 @@ def test_score_model_keeps_x_dtype(gen):
     x = torch.randn(4, 2, generator=gen)
     t = torch.full((4,), 0.3, dtype=F64)
     for kind in ScoreModel.OUTPUTS:
-        assert ScoreModel(TimeMLP(2, 8, 1), sde, output=kind)(x, t).dtype == torch.float32
+        extra = {"sigma_data": 0.5} if kind == "edm" else {}
+        assert ScoreModel(TimeMLP(2, 8, 1), sde, output=kind, **extra)(x, t).dtype == torch.float32
 
 
 def test_score_model_errors():
     sde = VPSDE()
     with pytest.raises(ValueError, match="output"):
-        ScoreModel(nn.Identity(), sde, output="v")
+        ScoreModel(nn.Identity(), sde, output="velocity")
     model = ScoreModel(TimeMLP(2, 8, 1, out_dim=3), sde)
     with pytest.raises(ValueError, match="backbone output"):
         model(torch.zeros(4, 2), 0.5)

@@ -72,9 +72,9 @@ def test_bad_names_and_hyperparameters_raise_clear_errors():
     critic = gs.Critic(gs.TimeMLP(2, 8, 1, out_dim=1), sde)
     with pytest.raises(ValueError, match=r"unknown objective 'sobolev'.*'l2'"):
         gs.build_objective("sobolev", sde)
-    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['lr'\].*valid: \['weighting'\]"):
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['lr'\].*valid: \['reduction', 'weighting'\]"):
         gs.build_objective("l2", sde, lr=1e-3)
-    with pytest.raises(ValueError, match=r"\['l2_weight'\].*valid: \['n_critic', 'weighting'\]"):
+    with pytest.raises(ValueError, match=r"\['l2_weight'\].*valid: \['n_critic', 'reduction', 'weighting'\]"):
         gs.build_objective("dual_sobolev", sde, critic=critic, l2_weight=1.0)
     with pytest.raises(ValueError, match="l2_weight must be a non-negative"):
         gs.build_objective("l2+dual_sobolev", sde, critic=critic, l2_weight=-0.5)
@@ -127,8 +127,8 @@ def test_every_objective_is_an_objective_with_hparams_that_rebuild_it():
     critic = gs.Critic(gs.TimeMLP(2, 8, 1, out_dim=1), sde)
     by_hand = [gs.DSMLoss(sde), gs.EnergyDSMLoss(sde, weighting="likelihood"), gs.DualSobolevLoss(sde, critic),
                gs.DualSobolevLoss(sde, critic, l2_weight=2, n_critic=3), gs.AsymmetryPenalty(sde, probes=2)]
-    assert by_hand[0].hparams == {"weighting": "sigma2"}
-    assert by_hand[3].hparams == {"weighting": "sigma2", "n_critic": 3, "l2_weight": 2.0}
+    assert by_hand[0].hparams == {"weighting": "sigma2", "reduction": "sum"}
+    assert by_hand[3].hparams == {"weighting": "sigma2", "n_critic": 3, "l2_weight": 2.0, "reduction": "sum"}
     assert by_hand[4].hparams["penalty_weighting"] == "lambda_sigma2"
     built = [obj for obj, _ in build_all(sde).values()]
     for obj in by_hand + built:
@@ -142,7 +142,7 @@ def test_validate_fills_defaults_and_names_key_objective_and_expected_type():
     spec = gs.OBJECTIVES["dual_sobolev"]
     assert spec.validate({}) == dict(spec.defaults)
     assert gs.OBJECTIVES["l2+dual_sobolev"].validate({"l2_weight": 2}) == {"weighting": "sigma2", "n_critic": 1,
-                                                                            "l2_weight": 2.0}
+                                                                            "l2_weight": 2.0, "reduction": "sum"}
     bad = [  # (objective, hparams, message)
         ("dual_sobolev", {"n_critic": "two"},
          r"objective 'dual_sobolev': n_critic must be int >= 1.*got 'two' \(str\)"),
@@ -154,8 +154,10 @@ def test_validate_fills_defaults_and_names_key_objective_and_expected_type():
         ("asymmetry", {"probe": "sphere"}, r"probe must be one of \['rademacher', 'gaussian'\]"),
         ("asymmetry", {"penalty_weighting": "paper"},
          r"penalty_weighting must be one of \['lambda_sigma2', 'sigma2'\]"),
-        ("l2", {"weighting": 3}, r"'l2': weighting must be one of \['likelihood', 'none', 'sigma2'\].*got 3 \(int\)"),
-        ("l2", {"lr": 1e-3}, r"unknown hyperparameter\(s\) \['lr'\] for objective 'l2'; valid: \['weighting'\]"),
+        ("l2", {"weighting": 3},
+         r"'l2': weighting must be one of \['edm', 'likelihood', 'min_snr', 'none', 'sigma2'\].*got 3 \(int\)"),
+        ("l2", {"lr": 1e-3},
+         r"unknown hyperparameter\(s\) \['lr'\] for objective 'l2'; valid: \['reduction', 'weighting'\]"),
     ]
     for name, hparams, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -15,10 +15,12 @@ Baseline caveat: it also penalises harmless fields, e.g. ``c J grad log p_t`` (s
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..double_backward import math_attention
+from ..parametrisation import check_cond
 from ..sde import SDE
 from .base import Objective
 from .dsm import draw_perturbation, residual
@@ -87,7 +89,9 @@ class AsymmetryPenalty(Objective):
         probes: Hutchinson probes per sample (each costs two extra vector-Jacobian products).
         probe: ``"rademacher"`` (default, lower variance) or ``"gaussian"``.
         penalty_weighting: ``"lambda_sigma2"`` (default) or ``"sigma2"`` (Chao et al.), see above.
-    Call: ``objective(model, x0, t=None, noise=None, generator=None, probe_vectors=None) -> [B]``;
+        reduction: ``"sum"`` (default) or ``"mean"``: the whole per-sample loss divided by ``d``.
+    Call: ``objective(model, x0, t=None, noise=None, generator=None, probe_vectors=None, **cond) -> [B]``
+    (``cond`` goes to every evaluation of the model: the Jacobian is that of ``x -> s(x, t | c)``);
     ``probe_vectors: [probes, B, *D]`` overrides the draw (drawn from ``generator`` after ``t`` and
     the noise otherwise). Works under autocast (``x_t`` stays fp32, the score is upcast before
     differentiation) and under DDP: only ``autograd.grad`` is called, never ``backward``.
@@ -96,26 +100,29 @@ class AsymmetryPenalty(Objective):
     name = "asymmetry"
 
     def __init__(self, sde: SDE, weighting: str | Weighting = "sigma2", asymmetry_weight: float = 1.0,
-                 probes: int = 1, probe: str = "rademacher", penalty_weighting: str = "lambda_sigma2"):
+                 probes: int = 1, probe: str = "rademacher", penalty_weighting: str = "lambda_sigma2",
+                 reduction: str = "sum"):
         self.hparams = validate(type(self).__name__, {
             "weighting": weighting, "asymmetry_weight": asymmetry_weight, "probes": probes, "probe": probe,
-            "penalty_weighting": penalty_weighting})
+            "penalty_weighting": penalty_weighting, "reduction": reduction})
+        self.reduction = reduction
         self.sde, self.weighting = sde, resolve_weighting(weighting)
         self.asymmetry_weight, self.probes = self.hparams["asymmetry_weight"], probes
         self.probe, self.penalty_weighting = probe, penalty_weighting
 
     def __call__(self, model: Callable, x0: torch.Tensor, t: float | torch.Tensor | None = None,
                  noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 probe_vectors: torch.Tensor | None = None) -> torch.Tensor:
+                 probe_vectors: torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
+        check_cond(cond, x0.shape[0], self.name)
         t, xt, eps = draw_perturbation(self.sde, x0, t, noise, generator)
         x = xt.detach().requires_grad_(True)
         with math_attention():                      # fused SDPA kernels have no double backward
-            score = model(x, t)
+            score = model(x, t, **cond)
         sigma = self.sde.sigma(t)
         lam = weight(self.weighting, self.sde, t)
         loss = lam / sigma**2 * residual(self.sde, score, eps, t).flatten(1).pow(2).sum(1)
         if self.asymmetry_weight == 0:
-            return loss
+            return self.reduce(loss, x0)
         if probe_vectors is None:
             probe_vectors = draw_probes((self.probes, *x.shape), self.probe, generator, x.device, x.dtype)
         elif probe_vectors.shape != (self.probes, *x.shape):
@@ -123,4 +130,4 @@ class AsymmetryPenalty(Objective):
                              f"got {tuple(probe_vectors.shape)}")
         penalty = sum(asymmetry_probe(score, x, v) for v in probe_vectors) / self.probes
         penalty_weight = sigma**2 if self.penalty_weighting == "sigma2" else lam * sigma**2
-        return loss + self.asymmetry_weight * penalty_weight * penalty
+        return self.reduce(loss + self.asymmetry_weight * penalty_weight * penalty, x0)

@@ -1,14 +1,18 @@
 """Denoising score matching, the L2 objective (docs/theory.md §7).
 
-``loss(x0) = lambda(t) |s_theta(x_t, t) + eps / sigma_t|^2`` per sample, with ``t ~ U(t_min, 1)``,
-``x_t = alpha_t x0 + sigma_t eps``. Its expectation at fixed ``t`` is ``lambda(t) (||e_t||^2 + const(t))``.
+``loss(x0) = lambda(t) |s_theta(x_t, t | c) + eps / sigma_t|^2`` per sample, with ``t ~ sde.sample_time``
+(uniform on ``[t_min, 1]``; lognormal in ``sigma`` for ``EDMSDE``), ``x_t = alpha_t x0 + sigma_t eps``.
+Its expectation at fixed ``t`` is ``lambda(t) (||e_t||^2 + const(t))``; with a condition ``c`` (``**cond``)
+the same holds for the conditional score ``grad log p_t(x | c)``.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from ..parametrisation import check_cond
 from ..sde import SDE, broadcast_to, time_tensor
 from .base import Objective
 from .hyperparameters import validate
@@ -20,7 +24,7 @@ __all__ = ["DSMLoss", "draw_perturbation", "residual"]
 def draw_perturbation(sde: SDE, x0: torch.Tensor, t: float | torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, generator: torch.Generator | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(t [B], x_t, eps)``: draws ``t ~ U(t_min, 1)`` unless given (float or ``[B]``), then ``x_t``.
+    """``(t [B], x_t, eps)``: draws ``t ~ sde.sample_time`` unless given (float or ``[B]``), then ``x_t``.
 
     ``x_t`` is computed in fp32 or wider (it is differentiated by energies and critics); ``t`` takes its dtype."""
     if not x0.is_floating_point():
@@ -48,23 +52,28 @@ class DSMLoss(Objective):
 
     Args:
         sde: the forward process.
-        weighting: ``"sigma2"`` (eps-prediction, default), ``"likelihood"`` (``g^2``), ``"none"``, or a
-            callable ``(sde, t[B]) -> [B]``.
-    Call: ``objective(model, x0, t=None, noise=None, generator=None) -> [B]`` (unreduced; the caller
-    reduces), where ``model(x, t)`` returns the score. Dimensions are summed, so at the exact score
-    ``E[loss | t] = lambda(t) (d / sigma_t^2 - E|grad log p_t|^2)``.
+        weighting: ``"sigma2"`` (eps-prediction, default), ``"likelihood"`` (``g^2``), ``"none"``,
+            ``"min_snr"`` (min-SNR-5), ``"edm"`` (EDM's weight, needs ``sde.sigma_data``), or a callable
+            ``(sde, t[B]) -> [B]`` (``weighting.min_snr(gamma)`` for another ``gamma``).
+        reduction: ``"sum"`` over the dimensions of ``x`` (default) or ``"mean"`` (``1/d`` of it, the scale
+            of ``F.mse_loss`` on ``eps_hat`` with ``weighting="sigma2"``).
+    Call: ``objective(model, x0, t=None, noise=None, generator=None, **cond) -> [B]`` (unreduced over
+    the batch; the caller reduces), where ``model(x, t, **cond)`` returns the score. With
+    ``reduction="sum"`` at the exact score ``E[loss | t] = lambda(t) (d / sigma_t^2 - E|grad log p_t|^2)``.
     """
 
     name = "l2"
 
-    def __init__(self, sde: SDE, weighting: str | Weighting = "sigma2"):
-        self.hparams = validate(type(self).__name__, {"weighting": weighting})
-        self.sde = sde
+    def __init__(self, sde: SDE, weighting: str | Weighting = "sigma2", reduction: str = "sum"):
+        self.hparams = validate(type(self).__name__, {"weighting": weighting, "reduction": reduction})
+        self.sde, self.reduction = sde, reduction
         self.weighting = resolve_weighting(weighting)
 
     def __call__(self, model: Callable, x0: torch.Tensor, t: float | torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 **cond: Any) -> torch.Tensor:
+        check_cond(cond, x0.shape[0], self.name)
         t, xt, eps = draw_perturbation(self.sde, x0, t, noise, generator)
-        sr = residual(self.sde, model(xt, t), eps, t)                     # sigma_t r
+        sr = residual(self.sde, model(xt, t, **cond), eps, t)             # sigma_t r
         lam = weight(self.weighting, self.sde, t) / self.sde.sigma(t) ** 2
-        return lam * sr.flatten(1).pow(2).sum(1)
+        return self.reduce(lam * sr.flatten(1).pow(2).sum(1), x0)

@@ -15,12 +15,14 @@ weights), with gradient clipping and warm-up. Measurements: BENCHMARKS.md, "dual
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..critic import critic_objective
+from ..parametrisation import check_cond
 from ..sde import SDE, broadcast_to
-from .base import Objective
+from .base import Objective, check_critic_prepared
 from .dsm import draw_perturbation, residual
 from .hyperparameters import validate
 from .weighting import Weighting, resolve_weighting, weight
@@ -59,20 +61,25 @@ class DualSobolevLoss(Objective):
             Sets the name: ``"dual_sobolev"`` when 0, else ``"l2+dual_sobolev"``.
         n_critic: critic updates per score step: the joint step updates the critic once, and
             ``phases()`` adds ``n_critic - 1`` critic-only steps before it.
-    Call: ``objective(model, x0, t=None, noise=None, generator=None) -> [B]``, per sample
+        reduction: ``"sum"`` (default) or ``"mean"`` over the dimensions of ``x``, as for ``DSMLoss``.
+    Call: ``objective(model, x0, t=None, noise=None, generator=None, **cond) -> [B]``, per sample
     ``lambda(t) (2 r . g - |g|^2) + l2_weight lambda(t) |r|^2`` with ``g = grad psi(x_t, t)`` passed
     through ``reverse_gradient``. Its value (with ``l2_weight=0``) estimates ``lambda ||Pi_G e||^2``
-    from below as the critic improves.
+    from below as the critic improves. ``cond`` reaches both ``model(x_t, t, **cond)`` and
+    ``critic(x_t, t, **cond)`` (the projection is then that of the conditional error, per condition).
+    In a multi-process run the critic must be DDP-wrapped (``gradscore.objectives.prepare``); an
+    unwrapped one raises (``check_critic_prepared``).
     """
 
     def __init__(self, sde: SDE, critic: Callable, weighting: str | Weighting = "sigma2", l2_weight: float = 0.0,
-                 n_critic: int = 1):
+                 n_critic: int = 1, reduction: str = "sum"):
         if critic is None:
             raise ValueError("DualSobolevLoss needs a critic, e.g. gradscore.Critic(TimeMLP(d, out_dim=1), sde)")
         if not callable(critic):
             raise TypeError(f"critic must be a module (x, t) -> grad psi, got {type(critic).__name__}")
-        hparams = validate(type(self).__name__, {"weighting": weighting, "n_critic": n_critic, "l2_weight": l2_weight})
-        self.sde, self.critic = sde, critic
+        hparams = validate(type(self).__name__, {"weighting": weighting, "n_critic": n_critic, "l2_weight": l2_weight,
+                                                 "reduction": reduction})
+        self.sde, self.critic, self.reduction = sde, critic, reduction
         self.weighting = resolve_weighting(weighting)
         self.l2_weight, self.n_critic = hparams["l2_weight"], hparams["n_critic"]
         self.name = "dual_sobolev" if self.l2_weight == 0 else "l2+dual_sobolev"
@@ -81,8 +88,9 @@ class DualSobolevLoss(Objective):
         self.hparams = hparams
 
     # ------------------------------------------------------------------------------------------
-    def _critic_gradient(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        g = self.critic(xt, t)
+    def _critic_gradient(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        check_critic_prepared(self.critic, self.name)
+        g = self.critic(xt, t, **cond)
         if not isinstance(g, torch.Tensor) or g.shape != xt.shape:
             shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
             raise ValueError(
@@ -90,37 +98,41 @@ class DualSobolevLoss(Objective):
                 "backbone as gradscore.Critic(backbone, sde)")
         return g.to(xt.dtype)
 
-    def _terms(self, model, x0, t, noise, generator, detach_score: bool):
+    def _terms(self, model, x0, t, noise, generator, detach_score: bool, cond: dict[str, Any]):
+        check_cond(cond, x0.shape[0], self.name)
         t, xt, eps = draw_perturbation(self.sde, x0, t, noise, generator)
         if detach_score:
             with torch.no_grad():
-                score = model(xt, t)
+                score = model(xt, t, **cond)
         else:
-            score = model(xt, t)
+            score = model(xt, t, **cond)
         sigma = self.sde.sigma(t)
         sr = residual(self.sde, score, eps, t)                            # sigma_t r
-        g = self._critic_gradient(xt, t)
+        g = self._critic_gradient(xt, t, cond)
         lam = weight(self.weighting, self.sde, t) / sigma**2              # lambda / sigma^2
         return t, sr, g, broadcast_to(sigma, xt), lam
 
     def __call__(self, model: Callable, x0: torch.Tensor, t: float | torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        t, sr, g, sigma, lam = self._terms(model, x0, t, noise, generator, detach_score=False)
+                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 **cond: Any) -> torch.Tensor:
+        t, sr, g, sigma, lam = self._terms(model, x0, t, noise, generator, False, cond)
         loss = lam * critic_objective(sr, sigma * reverse_gradient(g))   # sigma_t^2 (2 r.g - |g|^2)
         if self.l2_weight > 0:
             loss = loss + self.l2_weight * lam * sr.flatten(1).pow(2).sum(1)
-        return loss
+        return self.reduce(loss, x0)
 
     def critic_loss(self, model: Callable, x0: torch.Tensor, t: float | torch.Tensor | None = None,
-                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    **cond: Any) -> torch.Tensor:
         """``-lambda(t) (2 r . g - |g|^2)`` per sample, ``[B]``, with the score detached (computed
         under ``no_grad``, so a DDP-wrapped model is not left waiting for a backward)."""
-        t, sr, g, sigma, lam = self._terms(model, x0, t, noise, generator, detach_score=True)
-        return -lam * critic_objective(sr, sigma * g)
+        t, sr, g, sigma, lam = self._terms(model, x0, t, noise, generator, True, cond)
+        return self.reduce(-lam * critic_objective(sr, sigma * g), x0)
 
     def projection(self, model: Callable, x0: torch.Tensor, t: float | torch.Tensor | None = None,
-                   noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                   noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   **cond: Any) -> torch.Tensor:
         """Diagnostic ``lambda(t) (2 r . g - |g|^2)`` per sample without gradients; its mean over
         held-out samples is an unbiased estimate of a lower bound on ``lambda ||Pi_G e_t||^2``."""
         with torch.no_grad():
-            return -self.critic_loss(model, x0, t=t, noise=noise, generator=generator)
+            return -self.critic_loss(model, x0, t=t, noise=noise, generator=generator, **cond)

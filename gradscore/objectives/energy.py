@@ -5,6 +5,7 @@ observable loss ``||Pi_G e_t||^2 + const(t)``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +35,10 @@ class EnergyDSMLoss(DSMLoss):
 
     Args:
         sde: the forward process.
-        weighting: as for ``DSMLoss`` (``"sigma2"`` default, ``"likelihood"``, ``"none"``, callable).
-    Call: ``objective(model, x0, t=None, noise=None, generator=None) -> [B]``; raises ``TypeError``
+        weighting: as for ``DSMLoss`` (``"sigma2"`` default, ``"likelihood"``, ``"none"``, ``"min_snr"``,
+            ``"edm"``, callable).
+        reduction: ``"sum"`` (default) or ``"mean"`` over the dimensions of ``x``, as for ``DSMLoss``.
+    Call: ``objective(model, x0, t=None, noise=None, generator=None, **cond) -> [B]``; raises ``TypeError``
     when ``model`` (after unwrapping ``.module``) is not an ``EnergyScore``. Costs a double backward
     (the score is ``-grad_x E``, differentiated again by the optimiser's backward).
     """
@@ -43,10 +46,11 @@ class EnergyDSMLoss(DSMLoss):
     name = "energy"
 
     def __call__(self, model: Callable, x0: torch.Tensor, t: float | torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 **cond: Any) -> torch.Tensor:
         inner = unwrap_model(model)
         if not isinstance(inner, EnergyScore):
             raise TypeError(
                 f"the 'energy' objective needs an EnergyScore model (score = -grad_x E), got {type(inner).__name__}; "
                 "build it with gradscore.EnergyScore(backbone, sde), or use the 'l2' objective for a ScoreModel")
-        return super().__call__(model, x0, t=t, noise=noise, generator=generator)
+        return super().__call__(model, x0, t=t, noise=noise, generator=generator, **cond)

@@ -13,9 +13,10 @@ from typing import Any
 
 from .weighting import WEIGHTINGS
 
-__all__ = ["Hyperparameter", "HYPERPARAMETERS", "PROBES", "PENALTY_WEIGHTINGS", "validate"]
+__all__ = ["Hyperparameter", "HYPERPARAMETERS", "PROBES", "PENALTY_WEIGHTINGS", "REDUCTIONS", "validate"]
 
 PROBES = ("rademacher", "gaussian")
+REDUCTIONS = ("sum", "mean")
 PENALTY_WEIGHTINGS = ("lambda_sigma2", "sigma2")
 
 
@@ -53,6 +54,8 @@ HYPERPARAMETERS: Mapping[str, Hyperparameter] = {h.name: h for h in (
     Hyperparameter("n_critic", "int >= 1 (critic updates per score step)", _integer_at_least_one),
     Hyperparameter("probes", "int >= 1 (Hutchinson probes per sample)", _integer_at_least_one),
     Hyperparameter("probe", f"one of {list(PROBES)}", _one_of(PROBES)),
+    Hyperparameter("reduction", f"one of {list(REDUCTIONS)} (per sample, over the dimensions of x)",
+                   _one_of(REDUCTIONS)),
     Hyperparameter("penalty_weighting", f"one of {list(PENALTY_WEIGHTINGS)}", _one_of(PENALTY_WEIGHTINGS)),
 )}
 

@@ -8,12 +8,12 @@
     objective = build_objective(name, sde, critic=None, **hparams)
 
 Every objective is a ``gradscore.objectives.Objective``: ``objective(model, x0, t=None, noise=None,
-generator=None) -> [B]`` (per-sample losses; the caller reduces), ``.name``, ``.critic``, ``.n_critic``,
+generator=None, **cond) -> [B]`` (per-sample losses; the caller reduces), ``.name``, ``.critic``, ``.n_critic``,
 ``.hparams``, ``critic_loss`` and ``phases()``, the recipe of one optimizer step. Driver loop::
 
     opt = Optimizer([*model.parameters(), *objective.critic.parameters()])   # one optimizer
     for phase in objective.phases():          # n_critic - 1 critic-only phases, then the joint one
-        loss = phase.loss(model, x0).mean(); accelerator.backward(loss); opt.step(); opt.zero_grad()
+        loss = phase.loss(model, x0, **cond).mean(); accelerator.backward(loss); opt.step(); opt.zero_grad()
 
 The joint phase updates the critic too (gradient reversal, see ``dual_sobolev``); a critic-only phase
 gives the model's parameters no gradient (``phase.trains_model`` is False).
@@ -86,36 +86,39 @@ class ObjectiveSpec:
         return self.factory(sde, critic, **resolved)
 
 
-def _l2(sde, critic, weighting):
-    return DSMLoss(sde, weighting=weighting)
+def _l2(sde, critic, weighting, reduction):
+    return DSMLoss(sde, weighting=weighting, reduction=reduction)
 
 
-def _energy(sde, critic, weighting):
-    return EnergyDSMLoss(sde, weighting=weighting)
+def _energy(sde, critic, weighting, reduction):
+    return EnergyDSMLoss(sde, weighting=weighting, reduction=reduction)
 
 
-def _dual_sobolev(sde, critic, weighting, n_critic, l2_weight=0.0):
-    return DualSobolevLoss(sde, critic, weighting=weighting, l2_weight=l2_weight, n_critic=n_critic)
+def _dual_sobolev(sde, critic, weighting, n_critic, reduction, l2_weight=0.0):
+    return DualSobolevLoss(sde, critic, weighting=weighting, l2_weight=l2_weight, n_critic=n_critic,
+                           reduction=reduction)
 
 
-def _asymmetry(sde, critic, weighting, asymmetry_weight, probes, probe, penalty_weighting):
+def _asymmetry(sde, critic, weighting, asymmetry_weight, probes, probe, penalty_weighting, reduction):
     return AsymmetryPenalty(sde, weighting=weighting, asymmetry_weight=asymmetry_weight, probes=probes, probe=probe,
-                            penalty_weighting=penalty_weighting)
+                            penalty_weighting=penalty_weighting, reduction=reduction)
 
 
 _SPECS = [
-    ObjectiveSpec("l2", "score", False, MappingProxyType({"weighting": "sigma2"}), _l2,
+    ObjectiveSpec("l2", "score", False, MappingProxyType({"weighting": "sigma2", "reduction": "sum"}), _l2,
                   "denoising score matching: lambda |s + eps/sigma|^2"),
-    ObjectiveSpec("energy", "energy", False, MappingProxyType({"weighting": "sigma2"}), _energy,
+    ObjectiveSpec("energy", "energy", False, MappingProxyType({"weighting": "sigma2", "reduction": "sum"}), _energy,
                   "DSM on a conservative model s = -grad E (error lies in the gradient part)"),
-    ObjectiveSpec("dual_sobolev", "score", True, MappingProxyType({"weighting": "sigma2", "n_critic": 5}),
+    ObjectiveSpec("dual_sobolev", "score", True,
+                  MappingProxyType({"weighting": "sigma2", "n_critic": 5, "reduction": "sum"}),
                   _dual_sobolev, "min-max projection term: only the observable gradient part is trained"),
     ObjectiveSpec("l2+dual_sobolev", "score", True,
-                  MappingProxyType({"weighting": "sigma2", "n_critic": 1, "l2_weight": 1.0}), _dual_sobolev,
+                  MappingProxyType({"weighting": "sigma2", "n_critic": 1, "l2_weight": 1.0, "reduction": "sum"}),
+                  _dual_sobolev,
                   "DSM plus the projection term: ||e||^2 + ||Pi_G e||^2"),
     ObjectiveSpec("asymmetry", "score", False,
                   MappingProxyType({"weighting": "sigma2", "asymmetry_weight": 1.0, "probes": 1, "probe": "rademacher",
-                                    "penalty_weighting": "lambda_sigma2"}),
+                                    "penalty_weighting": "lambda_sigma2", "reduction": "sum"}),
                   _asymmetry, "DSM plus a Hutchinson Jacobian-asymmetry penalty (quasi-conservative baseline; "
                               "penalty_weighting 'lambda_sigma2' (default) or 'sigma2' as Chao et al. 2022)"),
 ]
@@ -132,7 +135,7 @@ def build_objective(name: str, sde: SDE, critic: Callable | None = None, **hpara
         critic: a ``gradscore.Critic`` when ``OBJECTIVES[name].needs_critic`` (else ``None``).
         **hparams: overrides of ``OBJECTIVES[name].defaults``, checked by ``OBJECTIVES[name].validate``.
     Returns:
-        an ``Objective``: ``(model, x0, t=None, noise=None, generator=None) -> [B]`` with ``.name``,
+        an ``Objective``: ``(model, x0, t=None, noise=None, generator=None, **cond) -> [B]`` with ``.name``,
         ``.critic``, ``.n_critic``, ``.hparams``, ``critic_loss`` and ``phases()``.
     """
     if name not in OBJECTIVES:
