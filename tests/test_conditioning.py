@@ -97,7 +97,8 @@ def test_guidance_with_w_zero_is_the_conditional_sampler_exactly(gen):
     assert torch.equal(plain, guided)
     x, t = torch.randn(64, 2, generator=gen, dtype=F64), torch.full((64,), 0.4, dtype=F64)
     s_w = guided_score(score, 2.0, {"class_labels": y}, null)(x, t)
-    torch.testing.assert_close(s_w, 3 * target.score(x, t, sde, class_labels=y) - 2 * target.marginal().score(x, t, sde))
+    expected = 3 * target.score(x, t, sde, class_labels=y) - 2 * target.marginal().score(x, t, sde)
+    torch.testing.assert_close(s_w, expected)
     shifted = gs.sample(score, sde, (64, 2), steps=30, generator=torch.Generator().manual_seed(1), class_labels=y,
                         guidance_scale=2.0, null_cond=null)
     assert not torch.equal(plain, shifted)
@@ -128,7 +129,7 @@ def test_guided_energy_model_stays_conservative(gen):
     s_w = guided_score(model, 3.0, {"class_labels": y}, {"class_labels": torch.full_like(y, 4)})
     x, t = torch.randn(4, 2, generator=gen, dtype=F64), torch.full((4,), 0.3, dtype=F64)
     for b in range(4):
-        J = torch.autograd.functional.jacobian(lambda z: s_w(z[None].expand(4, 2).contiguous(), t)[b], x[b])
+        J = torch.autograd.functional.jacobian(lambda z, b=b: s_w(z[None].expand(4, 2).contiguous(), t)[b], x[b])
         torch.testing.assert_close(J, J.T, rtol=1e-10, atol=1e-10)
 
 
