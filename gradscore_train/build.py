@@ -21,7 +21,8 @@ from .config import Config, ConfigError
 from .data import build_source
 
 __all__ = ["objective_spec", "build_sde", "build_backbone", "build_score_model", "build_critic",
-           "objective_from_config", "check_objective_config", "load_trained"]
+           "objective_from_config", "check_objective_config", "load_trained", "null_labels", "unconditional",
+           "check_labels"]
 
 
 def objective_spec(name: str) -> ObjectiveSpec:
@@ -61,7 +62,7 @@ def build_sde(cfg: Config) -> SDE:
     return sde
 
 
-def _unet(shape, m, out_channels=None):
+def _unet(shape, m, out_channels=None, num_classes: int = 0):
     from diffusers import UNet2DModel
 
     C, H, W = shape
@@ -78,7 +79,8 @@ def _unet(shape, m, out_channels=None):
     return UNet2DModel(sample_size=H, in_channels=C, out_channels=out_channels or C,
                        block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
                        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
-                       norm_num_groups=m.norm_num_groups, add_attention=m.attention)
+                       norm_num_groups=m.norm_num_groups, add_attention=m.attention,
+                       num_class_embeds=num_classes + 1 if num_classes else None)     # the last label is the null one
 
 
 def build_backbone(cfg: Config, shape, scalar: bool = False) -> nn.Module:
@@ -87,7 +89,7 @@ def build_backbone(cfg: Config, shape, scalar: bool = False) -> nn.Module:
         if len(shape) != 1:
             raise ConfigError(f"model.kind='mlp' needs vectors [B, d], data has shape {shape}")
         return TimeMLP(shape[0], hidden=m.hidden, depth=m.depth, out_dim=1 if scalar else None)
-    return _unet(shape, m)
+    return _unet(shape, m, num_classes=m.num_classes)
 
 
 def build_score_model(cfg: Config, sde: SDE, shape, spec) -> nn.Module:
@@ -107,8 +109,42 @@ def build_critic(cfg: Config, sde: SDE, shape) -> nn.Module:
     else:
         m = type(cfg.model)(kind="unet", block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
                             norm_num_groups=c.norm_num_groups, attention=False)
-        return Critic(_unet(shape, m), sde, potential="inner")         # psi~ = <x, f(x, t)> / 2, the image critic
+        # psi~ = <x, f(x, t | y)> / 2, the image critic; it sees the labels the score model sees
+        return Critic(_unet(shape, m, num_classes=cfg.model.num_classes), sde, potential="inner")
     return Critic(backbone, sde)
+
+
+def check_labels(cfg: Config, source) -> None:
+    """A class-conditional model (``model.num_classes > 0``) needs labels in ``0..num_classes - 1``; raises
+    ``ConfigError`` naming the data set, its label range and the key."""
+    k = cfg.model.num_classes
+    if k == 0:
+        return
+    labels = getattr(source, "labels", None)
+    name = getattr(source, "name", cfg.data.kind)
+    if labels is None:
+        raise ConfigError(f"{cfg.source or 'config'}: model.num_classes={k} needs labelled data, but {name} has no "
+                          "labels (for an imagefolder or datasets set, set data.label_column)")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= k:
+        raise ConfigError(f"{cfg.source or 'config'}: the labels of {name} lie in [{lo}, {hi}], outside "
+                          f"0..model.num_classes - 1 = {k - 1}; set model.num_classes={hi + 1}")
+
+
+def null_labels(cfg: Config, n: int, device=None) -> dict:
+    """The null condition of a class-conditional model, ``{"class_labels": [n] filled with num_classes}``
+    (the label condition dropout trains), or ``{}`` for an unconditional one."""
+    if cfg.model.num_classes == 0:
+        return {}
+    return {"class_labels": torch.full((n,), cfg.model.num_classes, dtype=torch.long, device=device)}
+
+
+def unconditional(cfg: Config, model):
+    """``(x, t) -> score``: the model itself, or for a class-conditional one its null-label score (the
+    marginal score it learns through condition dropout), so diagnostics see a plain score callable."""
+    if cfg.model.num_classes == 0:
+        return model
+    return lambda x, t: model(x, t, **null_labels(cfg, x.shape[0], x.device))
 
 
 def objective_from_config(cfg: Config, sde: SDE, critic=None):

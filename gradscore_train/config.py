@@ -79,8 +79,9 @@ class ModelConfig:
     layers_per_block: int = 1
     norm_num_groups: int = 8
     attention: bool = False         # unet: a mid-block attention (double-backward runs it on the math kernel)
-    output: Literal["eps", "score", "x0"] = "eps"                 # score parametrisation
-    energy: Literal["inner", "norm", "residual", "scalar"] = "inner"   # energy parametrisation
+    output: Literal["eps", "score", "x0", "v"] = "eps"             # score parametrisation
+    energy: Literal["auto", "inner", "norm", "residual", "scalar"] = "inner"   # energy parametrisation
+    num_classes: int = 0            # > 0: class-conditional unet (num_class_embeds = num_classes + 1; the last: null)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_steps: int = 2000
     clip_grad: float | None = 1.0   # max norm of the score model's gradients (null: no clipping)
+    cond_dropout: float = 0.0       # class-conditional: probability a label becomes the null label (guidance training)
     ema_decay: float = 0.999
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"   # auto: bf16 on a GPU that has it, else no
     seed: int = 0
@@ -134,6 +136,7 @@ class EvalConfig:
     quality: bool = True            # sample-quality metrics at the end
     classifier_cache: str = "~/.cache/gradscore/classifiers"
     fid_weights: str | None = None   # path to Inception weights (FID through torchmetrics), optional
+    guidance_scale: float = 0.0     # class-conditional samples: classifier-free guidance w (0: conditional score)
 
 
 @dataclass
@@ -324,6 +327,15 @@ def _check_values(cfg: Config, where: str):
         raise ConfigError(f"{where}: data.data_dir {d.data_dir!r} is not a directory")
     if d.kind != "toy" and cfg.model.kind == "mlp":
         raise ConfigError(f"{where}: model.kind='mlp' needs toy data; use model.kind='unet' for data.kind={d.kind!r}")
+    if cfg.model.num_classes < 0:
+        raise ConfigError(f"{where}: model.num_classes must be >= 0 (0: unconditional), got {cfg.model.num_classes}")
+    if cfg.model.num_classes > 0 and cfg.model.kind != "unet":
+        raise ConfigError(f"{where}: model.num_classes > 0 needs model.kind='unet' (a class-conditional UNet2DModel)")
+    if not 0 <= t.cond_dropout <= 1:
+        raise ConfigError(f"{where}: train.cond_dropout must be in [0, 1], got {t.cond_dropout}")
+    if (t.cond_dropout > 0 or cfg.eval.guidance_scale != 0) and cfg.model.num_classes == 0:
+        raise ConfigError(f"{where}: train.cond_dropout and eval.guidance_scale need a class-conditional model "
+                          "(model.num_classes > 0)")
     if d.kind == "toy" and cfg.model.kind == "unet":
         raise ConfigError(f"{where}: model.kind='unet' needs image data; use model.kind='mlp' for data.kind='toy'")
 

@@ -182,6 +182,14 @@ class BatchPlan:
             return self.source.batch(self.indices(step, j), generator)
         return self.source.batch(self.micro_batch, generator)
 
+    def labels(self, step: int, j: int) -> torch.Tensor:
+        """The class labels ``[micro_batch]`` of the examples of ``micro(step, j)`` (a finite source with labels)."""
+        if not self.source.finite or getattr(self.source, "labels", None) is None:
+            raise DataError(f"{getattr(self.source, 'name', type(self.source).__name__)}: the data have no labels, "
+                            "so no class-conditional model (model.num_classes > 0) can train on them; for an "
+                            "imagefolder or datasets set, set data.label_column")
+        return self.source.labels[self.indices(step, j)]
+
 
 # ----------------------------------------------------------------------------- image loading
 def _resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:

@@ -17,13 +17,22 @@ __all__ = ["draw_samples", "save_scatter", "image_grid", "save_grid", "score_dia
 log = logging.getLogger(__name__)
 
 
-def draw_samples(score_model, sde, shape, n: int, method: str, steps: int, seed: int, device, chunk: int = 2000):
-    """``n`` samples ``[n, *shape]`` (on CPU) by the reverse SDE / probability-flow ODE."""
+def draw_samples(score_model, sde, shape, n: int, method: str, steps: int, seed: int, device, chunk: int = 2000,
+                 labels: torch.Tensor | None = None, null_label: int | None = None, guidance_scale: float = 0.0):
+    """``n`` samples ``[n, *shape]`` (on CPU) by the reverse SDE / probability-flow ODE; a class-conditional
+    model gets ``labels: [n]`` (``class_labels``), guided by ``guidance_scale`` against ``null_label``."""
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
     for i in range(0, n, chunk):
         b = min(chunk, n - i)
-        out.append(sample(score_model, sde, (b, *shape), method=method, steps=steps, generator=g, device=device).cpu())
+        cond = {}
+        if labels is not None:
+            y = labels[i:i + b].to(device)
+            cond = {"class_labels": y}
+            if guidance_scale != 0:
+                cond.update(guidance_scale=guidance_scale, null_cond={"class_labels": torch.full_like(y, null_label)})
+        out.append(sample(score_model, sde, (b, *shape), method=method, steps=steps, generator=g, device=device,
+                          **cond).cpu())
     return torch.cat(out)
 
 

@@ -33,7 +33,15 @@ import yaml
 from gradscore.objectives import Phase
 
 from . import evaluation
-from .build import build_critic, build_score_model, build_sde, check_objective_config, objective_from_config
+from .build import (
+    build_critic,
+    build_score_model,
+    build_sde,
+    check_labels,
+    check_objective_config,
+    objective_from_config,
+    unconditional,
+)
 from .checkpoint import latest_checkpoint, read_step, resolve_checkpoint, save_checkpoint
 from .config import Config, config_to_dict
 from .data import BatchPlan, build_source, micro_seed
@@ -104,6 +112,7 @@ class Trainer:
         self.acc = acc = _make_accelerator(cfg)
         self.main = acc.is_main_process
         self.source = build_source(cfg.data)
+        check_labels(cfg, self.source)
         self.plan = BatchPlan(self.source, cfg.train.batch_size, acc.num_processes * cfg.train.grad_accum,
                               cfg.train.seed)
         self.sde = build_sde(cfg)
@@ -169,9 +178,10 @@ class Trainer:
             seed = micro_seed(cfg.train.seed, step, key, j)
             seed_global_rng(seed, acc.device)
             x0 = self.plan.micro(step, j, self._data_gen.manual_seed(seed)).to(acc.device)
+            cond = self._labels(step, j)
             # without accumulation every backward syncs and steps: accelerate's context would only add overhead
             with acc.accumulate(*models) if cfg.train.grad_accum > 1 else contextlib.nullcontext():
-                loss = phase.loss(score_model, x0).mean()
+                loss = phase.loss(score_model, x0, **cond).mean()
                 if self._plain and cfg.train.grad_accum == 1:   # what acc.backward does here, minus a division by 1
                     loss.backward()
                 else:
@@ -195,6 +205,19 @@ class Trainer:
                             self._diverged(step, phase.name, checked, bad)
                     self._optimizer_step()
         return total, gn, gn_critic
+
+    def _labels(self, step: int, j: int) -> dict:
+        """``{"class_labels": [micro_batch]}`` for a class-conditional model (``{}`` otherwise), each label
+        replaced by the null label ``model.num_classes`` with probability ``train.cond_dropout`` (drawn from
+        ``self._data_gen`` after the batch: deterministic in the micro-batch seed)."""
+        cfg = self.cfg
+        if cfg.model.num_classes == 0:
+            return {}
+        y = self.plan.labels(step, j)
+        if cfg.train.cond_dropout > 0:
+            drop = torch.rand(y.shape, generator=self._data_gen) < cfg.train.cond_dropout
+            y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)
+        return {"class_labels": y.to(self.acc.device)}
 
     def clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip the score model's and the critic's gradients separately, each by its own global norm
@@ -258,8 +281,10 @@ class Trainer:
         model = self._eval_model()
         if samples:
             n = cfg.eval.num_samples if final else min(cfg.eval.num_samples, 1000)
+            labels = torch.arange(n) % cfg.model.num_classes if cfg.model.num_classes else None
             x = evaluation.draw_samples(model, self.sde, self.source.shape, n, cfg.eval.method, cfg.eval.sample_steps,
-                                    micro_seed(cfg.train.seed, step, 99), self.acc.device)
+                                        micro_seed(cfg.train.seed, step, 99), self.acc.device, labels=labels,
+                                        null_label=cfg.model.num_classes, guidance_scale=cfg.eval.guidance_scale)
             os.makedirs(os.path.join(self.output_dir, "samples"), exist_ok=True)
             path = os.path.join(self.output_dir, "samples", f"step-{step:07d}.png")
             if len(self.source.shape) == 1:
@@ -278,7 +303,8 @@ class Trainer:
             x0 = self.source.sample_x0(cfg.eval.diag_samples, generator=g).to(self.acc.device)
             true = self.source.mixture.score_fn(self.sde) if hasattr(self.source, "mixture") else None
             g_dev = torch.Generator(device=self.acc.device).manual_seed(micro_seed(cfg.train.seed, step, 96))
-            out.update(evaluation.score_diagnostics(model, self.sde, x0, cfg.eval.diag_times, true_score=true,
+            out.update(evaluation.score_diagnostics(unconditional(cfg, model), self.sde, x0, cfg.eval.diag_times,
+                                                    true_score=true,
                                                     generator=g_dev))
         if out:
             self.logbook.log(step, out)

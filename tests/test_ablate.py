@@ -68,7 +68,7 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     assert "objectivs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["toy", "digits", "cifar10"])
+@pytest.mark.parametrize("name", ["toy", "digits", "digits_cond", "cifar10"])
 def test_shipped_ablation_configs_validate(name):
     ab = load_ablation(os.path.join(ROOT, "configs", "ablations", f"{name}.yaml"))
     objectives = {r.objective for r in ab.runs()}

@@ -38,7 +38,7 @@ def test_shipped_configs_load_and_name_a_registered_objective(path):
 def test_every_objective_has_a_config_in_each_family():
     import gradscore
 
-    for family in ("toy", "digits", "cifar10"):
+    for family in ("toy", "digits", "digits_cond", "cifar10"):
         for name in gradscore.OBJECTIVES:
             assert os.path.isfile(os.path.join(ROOT, "configs", family, f"{name}.yaml")), (family, name)
 
