@@ -189,8 +189,10 @@ def test_critic_loss_and_projection_forward_the_condition(gen):
 
 # ------------------------------------------------------------------------------------------ data parallel
 def test_an_unprepared_critic_is_refused_in_a_multi_process_run(tmp_path, monkeypatch):
-    """A real gloo process group (world size 1, so DDP can be built), reported as world size 2: a plain critic
-    raises naming the rank and objectives.prepare; the DDP-wrapped one runs; one process (no group) runs."""
+    """A real gloo process group (world size 1, so DDP can be built), reported as world size 2. With a DDP-wrapped
+    score model a plain critic raises, naming the rank and objectives.prepare (joint loss and critic_loss); the
+    DDP-wrapped critic runs. A score model that is not wrapped (a rank-local reference computation) is let through,
+    as is a single process (no group)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -201,15 +203,16 @@ def test_an_unprepared_critic_is_refused_in_a_multi_process_run(tmp_path, monkey
     objective(model, torch.randn(4, 2))                                   # no process group: fine
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        wrapped = DistributedDataParallel(critic)
+        ddp_model, ddp_critic = DistributedDataParallel(model), DistributedDataParallel(critic)
         monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
         with pytest.raises(RuntimeError, match=r"rank 0 of 2: the critic Critic is not wrapped.*prepare"):
-            objective(model, torch.randn(4, 2))
+            objective(ddp_model, torch.randn(4, 2))
         with pytest.raises(RuntimeError, match="not wrapped"):
-            objective.critic_loss(model, torch.randn(4, 2))
-        objective.critic = wrapped
-        assert torch.isfinite(objective(model, torch.randn(4, 2)).sum())
-        check_critic_prepared(None, "l2")
+            objective.critic_loss(ddp_model, torch.randn(4, 2))
+        assert torch.isfinite(objective(model, torch.randn(4, 2)).sum())           # rank-local: both unwrapped
+        objective.critic = ddp_critic
+        assert torch.isfinite(objective(ddp_model, torch.randn(4, 2)).sum())
+        check_critic_prepared(None, "l2", ddp_model)
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()

@@ -100,21 +100,29 @@ def _is_data_parallel(module: nn.Module) -> bool:
     return isinstance(module, tuple(kinds)) or type(module).__name__ == "DeepSpeedEngine"
 
 
-def check_critic_prepared(critic: nn.Module | None, objective: str) -> None:
-    """In a multi-process run (``torch.distributed`` initialised, world size > 1), a trainable critic
-    must be wrapped for data parallelism (``DistributedDataParallel``, FSDP or DeepSpeed, as
-    ``accelerator.prepare`` returns it); otherwise each rank's critic drifts apart with no error.
-    Raises ``RuntimeError`` naming the rank and the fix (``gradscore.objectives.prepare``)."""
+def check_critic_prepared(critic: nn.Module | None, objective: str, model: object = None) -> None:
+    """In a multi-process run (``torch.distributed`` initialised, world size > 1) where the score model is
+    wrapped for data parallelism (``DistributedDataParallel``, FSDP or DeepSpeed, as ``accelerator.prepare``
+    returns it), a trainable critic must be wrapped too: otherwise each rank's critic drifts apart with no
+    error. Raises ``RuntimeError`` naming the rank and the fix (``gradscore.objectives.prepare``). A score
+    model that is not wrapped marks a computation local to the rank (a reference, or a critic-only phase
+    given the unwrapped model, whose joint phase is checked), which is let through."""
     if critic is None or not isinstance(critic, nn.Module):
         return
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         return
-    wrapped = critic._orig_mod if isinstance(getattr(critic, "_orig_mod", None), nn.Module) else critic  # compile
-    if _is_data_parallel(wrapped) or not any(p.requires_grad for p in critic.parameters()):
+    if model is not None and not _is_data_parallel(_uncompiled(model)):
+        return
+    if _is_data_parallel(_uncompiled(critic)) or not any(p.requires_grad for p in critic.parameters()):
         return
     raise RuntimeError(
         f"objective {objective!r} on rank {dist.get_rank()} of {dist.get_world_size()}: the critic "
-        f"{type(critic).__name__} is not wrapped for data parallelism, so its weights would drift apart across "
-        "ranks; prepare it with the score model and the optimizer: "
+        f"{type(critic).__name__} is not wrapped for data parallelism while the score model is, so the critic's "
+        "weights would drift apart across ranks; prepare it with the score model and the optimizer: "
         "model, optimizer = gradscore.objectives.prepare(accelerator, model, objective, optimizer)")
+
+
+def _uncompiled(module: object) -> object:
+    inner = getattr(module, "_orig_mod", None)                  # torch.compile's wrapper
+    return inner if isinstance(inner, nn.Module) else module

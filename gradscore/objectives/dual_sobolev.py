@@ -67,8 +67,8 @@ class DualSobolevLoss(Objective):
     through ``reverse_gradient``. Its value (with ``l2_weight=0``) estimates ``lambda ||Pi_G e||^2``
     from below as the critic improves. ``cond`` reaches both ``model(x_t, t, **cond)`` and
     ``critic(x_t, t, **cond)`` (the projection is then that of the conditional error, per condition).
-    In a multi-process run the critic must be DDP-wrapped (``gradscore.objectives.prepare``); an
-    unwrapped one raises (``check_critic_prepared``).
+    In a multi-process run with a DDP-wrapped score model the critic must be wrapped too
+    (``gradscore.objectives.prepare``); an unwrapped one raises (``check_critic_prepared``).
     """
 
     def __init__(self, sde: SDE, critic: Callable, weighting: str | Weighting = "sigma2", l2_weight: float = 0.0,
@@ -89,7 +89,6 @@ class DualSobolevLoss(Objective):
 
     # ------------------------------------------------------------------------------------------
     def _critic_gradient(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        check_critic_prepared(self.critic, self.name)
         g = self.critic(xt, t, **cond)
         if not isinstance(g, torch.Tensor) or g.shape != xt.shape:
             shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
@@ -100,6 +99,7 @@ class DualSobolevLoss(Objective):
 
     def _terms(self, model, x0, t, noise, generator, detach_score: bool, cond: dict[str, Any]):
         check_cond(cond, x0.shape[0], self.name)
+        check_critic_prepared(self.critic, self.name, model)
         t, xt, eps = draw_perturbation(self.sde, x0, t, noise, generator)
         if detach_score:
             with torch.no_grad():
