@@ -47,8 +47,13 @@ def test_labels_reach_the_loss_with_condition_dropout(tmp_path):
 def test_every_digits_cond_config_builds_a_conditional_model_and_critic(objective):
     """Every configs/digits_cond/ file validates and builds what the driver builds; one joint loss on 4 digits with
     their labels is finite, and without labels the conditional UNet raises (so the labels are what it runs on)."""
-    from gradscore_train.build import build_critic, build_score_model, build_sde, check_objective_config
-    from gradscore_train.build import objective_from_config
+    from gradscore_train.build import (
+        build_critic,
+        build_score_model,
+        build_sde,
+        check_objective_config,
+        objective_from_config,
+    )
     from gradscore_train.data import build_source
 
     cfg = cond_config(objective)
