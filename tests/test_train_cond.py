@@ -87,3 +87,23 @@ def test_conditional_configs_need_labels_in_range():
         load_config(os.path.join(ROOT, "configs", "digits", "l2.yaml"), ["train.cond_dropout=0.1"])
     with pytest.raises(ConfigError, match="model.num_classes > 0 needs model.kind='unet'"):
         load_config(os.path.join(ROOT, "configs", "toy", "l2.yaml"), ["model.num_classes=3"])
+
+
+def test_batch_plan_labels_are_those_of_the_micro_batch_examples():
+    """BatchPlan.labels(step, j) = labels[indices(step, j)], across an epoch boundary (10 images, 4 per micro-batch,
+    2 micro-batches per step); images without labels and toy sources raise naming the fix."""
+    from gradscore.toy import GaussianMixture
+    from gradscore_train.data import BatchPlan, DataError, ToySource
+
+    images = torch.linspace(-1, 1, 10)[:, None, None, None].expand(10, 1, 2, 2).contiguous()
+    labels = torch.arange(10) % 3
+    plan = BatchPlan(TensorSource(images, labels), global_batch=8, num_micro=2, seed=0)
+    for step in range(3):
+        for j in range(2):
+            idx = plan.indices(step, j)
+            assert torch.equal(plan.labels(step, j), labels[idx])
+            assert torch.equal(plan.micro(step, j, torch.Generator())[:, 0, 0, 0], images[idx, 0, 0, 0])
+    with pytest.raises(DataError, match="no labels.*data.label_column"):
+        BatchPlan(TensorSource(images, None), 8, 2, 0).labels(0, 0)
+    with pytest.raises(DataError, match="no labels"):
+        BatchPlan(ToySource(GaussianMixture([[0.0, 0.0]])), 8, 2, 0).labels(0, 0)
