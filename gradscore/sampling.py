@@ -40,8 +40,8 @@ def guided_score(score_fn: ScoreFn, guidance_scale: float, cond: dict[str, Any],
     """Classifier-free guidance: ``(x, t) -> (1 + w) s(x, t | cond) - w s(x, t | null_cond)``, ``w = guidance_scale``.
 
     ``null_cond`` holds the same keys as ``cond`` with the null condition (e.g. the extra label a model was
-    trained with when its label was dropped). Two evaluations per call, one per condition, so ``w = 0``
-    gives the conditional score exactly.
+    trained with when its label was dropped). The two conditions are evaluated separately (never batched
+    together), and at ``w = 0`` only the condition is, so ``w = 0`` gives the conditional score exactly.
     """
     if set(null_cond) != set(cond):
         raise ValueError(f"null_cond must hold the same keys as the condition: got {sorted(null_cond)}, "
