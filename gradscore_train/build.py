@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import gradscore
-from gradscore import OBJECTIVES, VESDE, VPSDE, Critic, EnergyScore, ScoreModel, TimeMLP
+from gradscore import EDMSDE, OBJECTIVES, VESDE, VPSDE, Critic, EnergyScore, ScoreModel, TimeMLP
 from gradscore.objectives import ObjectiveSpec
 from gradscore.sde import SDE
 
@@ -57,6 +57,9 @@ def build_sde(cfg: Config) -> SDE:
     s = cfg.sde
     if s.type == "vp":
         sde = VPSDE(s.beta_min, s.beta_max) if s.t_min is None else VPSDE(s.beta_min, s.beta_max, t_min=s.t_min)
+    elif s.type == "edm":
+        extra = {} if s.t_min is None else {"t_min": s.t_min}
+        sde = EDMSDE(s.sigma_min, s.sigma_max, sigma_data=s.sigma_data, P_mean=s.P_mean, P_std=s.P_std, **extra)
     else:
         sde = VESDE(s.sigma_min, s.sigma_max) if s.t_min is None else VESDE(s.sigma_min, s.sigma_max, t_min=s.t_min)
     return sde

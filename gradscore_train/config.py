@@ -39,11 +39,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class SDEConfig:
-    type: Literal["vp", "ve"] = "vp"
+    type: Literal["vp", "ve", "edm"] = "vp"
     beta_min: float = 0.1           # vp
     beta_max: float = 20.0          # vp
-    sigma_min: float = 0.01         # ve
-    sigma_max: float = 50.0         # ve
+    sigma_min: float = 0.01         # ve, edm (EDM's own range: 0.002)
+    sigma_max: float = 50.0         # ve, edm (EDM's own range: 80)
+    sigma_data: float = 0.5         # edm: the data standard deviation (ScoreModel(output="edm"), weighting "edm")
+    P_mean: float = -1.2            # edm: training noise levels log sigma ~ N(P_mean, P_std^2)
+    P_std: float = 1.2              # edm
     t_min: float | None = None   # None: the process's default
 
 
@@ -79,7 +82,7 @@ class ModelConfig:
     layers_per_block: int = 1
     norm_num_groups: int = 8
     attention: bool = False         # unet: a mid-block attention (double-backward runs it on the math kernel)
-    output: Literal["eps", "score", "x0", "v"] = "eps"             # score parametrisation
+    output: Literal["eps", "score", "x0", "v", "edm"] = "eps"      # score parametrisation (edm: needs sde.type=edm)
     energy: Literal["auto", "inner", "norm", "residual", "scalar"] = "inner"   # energy parametrisation
     num_classes: int = 0            # > 0: class-conditional unet (num_class_embeds = num_classes + 1; the last: null)
 
@@ -327,6 +330,8 @@ def _check_values(cfg: Config, where: str):
         raise ConfigError(f"{where}: data.data_dir {d.data_dir!r} is not a directory")
     if d.kind != "toy" and cfg.model.kind == "mlp":
         raise ConfigError(f"{where}: model.kind='mlp' needs toy data; use model.kind='unet' for data.kind={d.kind!r}")
+    if cfg.model.output == "edm" and cfg.sde.type != "edm":
+        raise ConfigError(f"{where}: model.output='edm' needs sde.type='edm' (EDM's process and its sigma_data)")
     if cfg.model.num_classes < 0:
         raise ConfigError(f"{where}: model.num_classes must be >= 0 (0: unconditional), got {cfg.model.num_classes}")
     if cfg.model.num_classes > 0 and cfg.model.kind != "unet":

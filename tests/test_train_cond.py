@@ -107,3 +107,22 @@ def test_batch_plan_labels_are_those_of_the_micro_batch_examples():
         BatchPlan(TensorSource(images, None), 8, 2, 0).labels(0, 0)
     with pytest.raises(DataError, match="no labels"):
         BatchPlan(ToySource(GaussianMixture([[0.0, 0.0]])), 8, 2, 0).labels(0, 0)
+
+
+def test_edm_config_builds_edm_process_model_and_weighting():
+    """sde.type=edm with model.output=edm and weighting=edm: the driver builds EDMSDE (its parameters from the config)
+    and an EDM-preconditioned ScoreModel whose DSM loss is finite; model.output=edm under a VP process is a config
+    error."""
+    import gradscore as gs
+    from gradscore_train.build import build_score_model, build_sde, check_objective_config, objective_from_config
+
+    edm = ["sde.type=edm", "sde.sigma_min=0.002", "sde.sigma_max=80.0", "sde.sigma_data=0.7", "model.output=edm",
+           "objective.hparams.weighting=edm"]
+    cfg = load_config(os.path.join(ROOT, "configs", "toy", "l2.yaml"), edm)
+    sde = build_sde(cfg)
+    assert isinstance(sde, gs.EDMSDE) and (sde.sigma_min, sde.sigma_max, sde.sigma_data) == (0.002, 80.0, 0.7)
+    model = build_score_model(cfg, sde, (2,), check_objective_config(cfg))
+    assert model.output == "edm" and model.sigma_data == 0.7
+    assert torch.isfinite(objective_from_config(cfg, sde)(model, torch.randn(16, 2))).all()
+    with pytest.raises(ConfigError, match="model.output='edm' needs sde.type='edm'"):
+        load_config(os.path.join(ROOT, "configs", "toy", "l2.yaml"), ["model.output=edm"])
