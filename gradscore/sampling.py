@@ -9,10 +9,12 @@ probability-flow ODE (Heun, second order): ``dx/dt = f - g^2 s / 2``. Heun keeps
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .schedulers import clip_x0_score, sample_with_scheduler
 from .sde import SDE, broadcast_to, time_tensor
 
 __all__ = ["sample", "reverse_sde_step"]
@@ -61,8 +63,8 @@ def _heun_step(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, t_next: f
 def sample(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], method: str = "sde", steps: int = 500,
            generator: torch.Generator | None = None, device: torch.device | str | None = None,
            dtype: torch.dtype = torch.float32, x_T: torch.Tensor | None = None, t_min: float | None = None,
-           progress: bool = False, return_trajectory: bool = False
-           ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+           progress: bool = False, return_trajectory: bool = False, scheduler: Any = None,
+           clip_x0: tuple[float, float] | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Draw samples by integrating the reverse-time dynamics from the prior.
 
     Args:
@@ -75,9 +77,20 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], method: str = "s
         x_T: optional starting point (else drawn from the prior with ``generator``).
         progress: show a progress bar.
         return_trajectory: also return the list of states (``steps + 1`` tensors, on CPU).
+        scheduler: a diffusers scheduler (DDPM, DDIM, DPMSolverMultistep, EulerDiscrete, ...): its own loop with
+            ``steps`` inference steps replaces ``method`` (``gradscore.schedulers.sample_with_scheduler``; ``sde``
+            must match its schedule, e.g. ``DiscreteVPSDE.from_scheduler(scheduler)``).
+        clip_x0: ``(low, high)``: clamp the score's x0 prediction to this range at every step, e.g. ``(-1, 1)`` for
+            images (``gradscore.schedulers.clip_x0_score``).
     Returns:
         ``x [B, *D]`` at ``t_min`` (and the trajectory if asked).
     """
+    if clip_x0 is not None:
+        score_fn = clip_x0_score(score_fn, sde, clip_x0)
+    if scheduler is not None:
+        return sample_with_scheduler(score_fn, sde, shape, scheduler, steps=steps, generator=generator, device=device,
+                                     dtype=dtype, x_T=x_T, t_min=t_min, progress=progress,
+                                     return_trajectory=return_trajectory)
     if method not in ("sde", "ode"):
         raise ValueError(f"method must be 'sde' or 'ode', got {method!r}")
     if steps < 1:
