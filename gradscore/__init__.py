@@ -20,10 +20,21 @@ from .sampling import sample
 from .sde import SDE, VESDE, VPSDE, DiscreteVPSDE
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``export_pipeline``, ``load_pretrained`` and ``ScoreEpsUNet`` (``gradscore.pipelines``) on first use, so that
+    ``import gradscore`` does not import diffusers."""
+    if name in ("export_pipeline", "load_pretrained", "ScoreEpsUNet"):
+        from . import pipelines
+        return getattr(pipelines, name)
+    raise AttributeError(f"module 'gradscore' has no attribute {name!r}")
+
+
 __all__ = [
     "SDE", "VPSDE", "VESDE", "DiscreteVPSDE",
     "ScoreModel", "EnergyScore", "ENERGIES", "TimeMLP",
     "DSMLoss", "sample", "energy_distance", "sliced_wasserstein", "toy",
     "Critic", "DualSobolevLoss", "EnergyDSMLoss", "AsymmetryPenalty", "OBJECTIVES", "ObjectiveSpec", "build_objective",
-    "Objective", "train_step", "diagnostics",
+    "Objective", "train_step", "diagnostics", "export_pipeline", "load_pretrained", "ScoreEpsUNet",
 ]
