@@ -68,6 +68,10 @@ class DataConfig:
     channels: int | None = None       # None: the data's own (1 grey, 3 RGB)
     max_images: int | None = None
     random_flip: bool = False
+    # latent diffusion: a local diffusers AutoencoderKL / AutoencoderTiny folder (or a pipeline folder with vae/); the
+    # images are encoded once, cached in latent_cache, and samples decoded (gradscore_train/latents.py)
+    autoencoder: str | None = None
+    latent_cache: str = "~/.cache/gradscore/latents"
 
 
 @dataclass
@@ -324,6 +328,8 @@ def _check_values(cfg: Config, where: str):
         raise ConfigError(f"{where}: data.data_dir {d.data_dir!r} is not a directory")
     if d.kind != "toy" and cfg.model.kind == "mlp":
         raise ConfigError(f"{where}: model.kind='mlp' needs toy data; use model.kind='unet' for data.kind={d.kind!r}")
+    if d.kind == "toy" and d.autoencoder:
+        raise ConfigError(f"{where}: data.autoencoder encodes images; data.kind='toy' has none")
     if d.kind == "toy" and cfg.model.kind == "unet":
         raise ConfigError(f"{where}: model.kind='unet' needs image data; use model.kind='mlp' for data.kind='toy'")
 
