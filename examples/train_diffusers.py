@@ -32,6 +32,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import gradscore as gs
 from gradscore_train.train import exit_without_finalization
 
+SCORE_MODELS = {"score": gs.ScoreModel, "energy": gs.EnergyScore}     # by the objective's parametrisation
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -101,30 +103,29 @@ def main(argv=None):
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     ema_model = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=UNet2DModel, model_config=model.config)
 
-    sde = gs.DiscreteVPSDE.from_scheduler(noise_scheduler)                                          # gradscore
-    score_model = {"score": gs.ScoreModel, "energy": gs.EnergyScore}[gs.OBJECTIVES[args.objective].parametrisation](
-        model, sde)                                                                                 # gradscore
+    sde = gs.DiscreteVPSDE.from_scheduler(noise_scheduler)                                      # gradscore
+    score_model = SCORE_MODELS[gs.OBJECTIVES[args.objective].parametrisation](model, sde)       # gradscore
     critic = gs.Critic(ScalarUNet(), sde, time_input="timestep") \
-        if gs.OBJECTIVES[args.objective].needs_critic else None                                     # critic
-    objective = gs.build_objective(args.objective, sde, critic=critic)                              # gradscore
+        if gs.OBJECTIVES[args.objective].needs_critic else None                                 # critic
+    objective = gs.build_objective(args.objective, sde, critic=critic)                          # gradscore
 
-    params = [*model.parameters(), *(critic.parameters() if critic else [])]                        # critic
+    params = [*model.parameters(), *(critic.parameters() if critic else [])]                    # critic
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, args.lr_warmup_steps * accelerator.num_processes,
                                                    args.max_steps * accelerator.num_processes)
-    score_model, critic, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(           # gradscore
-        score_model, critic, optimizer, train_dataloader, lr_scheduler)
-    objective.critic = critic                     # critic: the prepared (synchronised) critic
+    score_model = accelerator.prepare(score_model)                                              # gradscore
+    critic = objective.critic = accelerator.prepare(critic) if critic else None                 # critic
+    optimizer, train_dataloader, lr_scheduler = accelerator.prepare(optimizer, train_dataloader, lr_scheduler)
     models = [m for m in (score_model, critic) if m is not None]
     set_seed(args.seed, device_specific=True)     # each rank draws its own times and noise
 
     global_step, loss = 0, torch.zeros(())
     while global_step < args.max_steps:
         for clean_images, labels in train_dataloader:  # noqa: B007 (labels: the class-conditional change)
-            for phase in objective.phases():                                                          # critic
-                score_fn = score_model if phase.trains_model else accelerator.unwrap_model(score_model)
-                with accelerator.accumulate(*models):
-                    loss = phase.loss(score_fn, clean_images).mean()                              # gradscore
+            for phase in objective.phases():                                                    # critic
+                score_fn = score_model if phase.trains_model else accelerator.unwrap_model(score_model)  # critic
+                with accelerator.accumulate(*models):                                           # critic
+                    loss = phase.loss(score_fn, clean_images).mean()                            # gradscore
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, 1.0)
