@@ -21,10 +21,21 @@ from .sampling import guided_score, sample
 from .sde import EDMSDE, SDE, VESDE, VPSDE, DiscreteVPSDE
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``export_pipeline``, ``load_pretrained`` and ``ScoreEpsUNet`` (``gradscore.pipelines``) on first use, so that
+    ``import gradscore`` does not import diffusers."""
+    if name in ("export_pipeline", "load_pretrained", "ScoreEpsUNet"):
+        from . import pipelines
+        return getattr(pipelines, name)
+    raise AttributeError(f"module 'gradscore' has no attribute {name!r}")
+
+
 __all__ = [
     "SDE", "VPSDE", "VESDE", "EDMSDE", "DiscreteVPSDE",
     "ScoreModel", "EnergyScore", "ENERGIES", "TimeMLP",
     "DSMLoss", "sample", "guided_score", "energy_distance", "sliced_wasserstein", "toy",
     "Critic", "DualSobolevLoss", "EnergyDSMLoss", "AsymmetryPenalty", "OBJECTIVES", "ObjectiveSpec", "build_objective",
-    "Objective", "train_step", "prepare", "diagnostics",
+    "Objective", "train_step", "prepare", "diagnostics", "export_pipeline", "load_pretrained", "ScoreEpsUNet",
 ]

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .parametrisation import check_cond
+from .schedulers import clip_x0_score, sample_with_scheduler
 from .sde import SDE, broadcast_to, time_tensor
 
 __all__ = ["sample", "reverse_sde_step", "guided_score", "conditioned"]
@@ -99,8 +100,8 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], method: str = "s
            generator: torch.Generator | None = None, device: torch.device | str | None = None,
            dtype: torch.dtype = torch.float32, x_T: torch.Tensor | None = None, t_min: float | None = None,
            progress: bool = False, return_trajectory: bool = False, guidance_scale: float = 0.0,
-           null_cond: dict[str, Any] | None = None, **cond: Any
-           ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+           null_cond: dict[str, Any] | None = None, scheduler: Any = None, clip_x0: tuple[float, float] | None = None,
+           **cond: Any) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Draw samples by integrating the reverse-time dynamics from the prior.
 
     Args:
@@ -117,13 +118,14 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], method: str = "s
             conditional score itself.
         null_cond: the null condition for guidance, a dict with the keys of ``cond`` (needed when ``w != 0``).
         **cond: conditioning keywords passed to ``score_fn`` (per-sample tensors ``[B, ...]``).
+        scheduler: a diffusers scheduler (DDPM, DDIM, DPMSolverMultistep, EulerDiscrete, ...): its own loop with
+            ``steps`` inference steps replaces ``method`` (``gradscore.schedulers.sample_with_scheduler``; ``sde``
+            must match its schedule, e.g. ``DiscreteVPSDE.from_scheduler(scheduler)``).
+        clip_x0: ``(low, high)``: clamp the score's x0 prediction to this range at every step, e.g. ``(-1, 1)`` for
+            images (``gradscore.schedulers.clip_x0_score``).
     Returns:
         ``x [B, *D]`` at ``t_min`` (and the trajectory if asked).
     """
-    if method not in ("sde", "ode"):
-        raise ValueError(f"method must be 'sde' or 'ode', got {method!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     check_cond(cond, shape[0], "sample")
     if guidance_scale != 0 and null_cond is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs null_cond, the null condition (a dict with the "
@@ -133,6 +135,16 @@ def sample(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], method: str = "s
         score_fn = guided_score(score_fn, guidance_scale, cond, null_cond)
     else:
         score_fn = conditioned(score_fn, **cond)
+    if clip_x0 is not None:
+        score_fn = clip_x0_score(score_fn, sde, clip_x0)
+    if scheduler is not None:
+        return sample_with_scheduler(score_fn, sde, shape, scheduler, steps=steps, generator=generator, device=device,
+                                     dtype=dtype, x_T=x_T, t_min=t_min, progress=progress,
+                                     return_trajectory=return_trajectory)
+    if method not in ("sde", "ode"):
+        raise ValueError(f"method must be 'sde' or 'ode', got {method!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     t_end = sde.t_min if t_min is None else float(t_min)
     x = sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T.clone()
     ts = torch.linspace(sde.T, t_end, steps + 1, dtype=torch.float64)

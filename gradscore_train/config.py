@@ -71,6 +71,10 @@ class DataConfig:
     channels: int | None = None       # None: the data's own (1 grey, 3 RGB)
     max_images: int | None = None
     random_flip: bool = False
+    # latent diffusion: a local diffusers AutoencoderKL / AutoencoderTiny folder (or a pipeline folder with vae/); the
+    # images are encoded once, cached in latent_cache, and samples decoded (gradscore_train/latents.py)
+    autoencoder: str | None = None
+    latent_cache: str = "~/.cache/gradscore/latents"
 
 
 @dataclass
@@ -341,6 +345,8 @@ def _check_values(cfg: Config, where: str):
     if (t.cond_dropout > 0 or cfg.eval.guidance_scale != 0) and cfg.model.num_classes == 0:
         raise ConfigError(f"{where}: train.cond_dropout and eval.guidance_scale need a class-conditional model "
                           "(model.num_classes > 0)")
+    if d.kind == "toy" and d.autoencoder:
+        raise ConfigError(f"{where}: data.autoencoder encodes images; data.kind='toy' has none")
     if d.kind == "toy" and cfg.model.kind == "unet":
         raise ConfigError(f"{where}: model.kind='unet' needs image data; use model.kind='mlp' for data.kind='toy'")
 

@@ -10,6 +10,8 @@ Sources:
 * ``ToySource``: a ``gradscore.toy.GaussianMixture`` (exact density; fresh samples every batch).
 * ``TensorSource``: a finite set of images ``[N, C, H, W]`` in ``[-1, 1]`` (digits, an imagefolder,
   a ``datasets`` image set), drawn without replacement in epochs reshuffled from the seed.
+* ``gradscore_train.latents.LatentSource`` (``data.autoencoder``): those images encoded once by a diffusers
+  autoencoder, the latents cached on disk; samples decoded for plots and quality.
 """
 from __future__ import annotations
 
@@ -297,6 +299,8 @@ def build_source(cfg):
     """The ``Source`` for a ``DataConfig``."""
     if cfg.kind == "toy":
         return ToySource(toy_mixture(cfg))
-    if cfg.kind == "digits":
-        return load_digits_source(cfg)
-    return load_image_source(cfg)
+    pixels = load_digits_source(cfg) if cfg.kind == "digits" else load_image_source(cfg)
+    if cfg.autoencoder is None:
+        return pixels
+    from .latents import LatentSource
+    return LatentSource.encode(pixels, cfg.autoencoder, cfg.latent_cache)

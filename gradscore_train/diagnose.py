@@ -1,5 +1,6 @@
-"""``python -m gradscore_train.diagnose --config CFG --checkpoint DIR [--out OUT]``: per-time decomposition
-of a trained model's score error (L2 = gradient + solenoidal) and both KL bounds, as JSON and a PNG.
+"""``python -m gradscore_train.diagnose --config CFG (--checkpoint DIR | --pretrained DIR) [--out OUT]``: per-time
+decomposition of a trained model's score error (L2 = gradient + solenoidal) and both KL bounds, as JSON and a PNG.
+``--pretrained`` takes a diffusers pipeline or UNet folder (``gradscore.load_pretrained``), the data from the config.
 
 The library function behind it is ``gradscore.diagnostics.diagnose``; this module adds what needs the
 driver: the config (``gradscore_train.config.load_config``) and the checkpoint
@@ -19,14 +20,32 @@ from gradscore.diagnostics import default_times, diagnose
 
 from .build import load_trained, unconditional
 from .config import ConfigError, load_config
-from .data import toy_mixture
+from .data import build_source, toy_mixture
+
+
+def load_pretrained_for(cfg, path):
+    """``(sde, score_model, sample_x0)`` of a diffusers folder, with the data of ``cfg``; the data's shape must be
+    the model's input shape."""
+    from gradscore import load_pretrained
+
+    model, sde = load_pretrained(path)
+    source = build_source(cfg.data)
+    c = model.backbone.config
+    size = c.sample_size if isinstance(c.sample_size, (list, tuple)) else (c.sample_size, c.sample_size)
+    if tuple(source.shape) != (c.in_channels, *size):
+        raise ConfigError(f"{path}: the model takes [B, {c.in_channels}, {', '.join(map(str, size))}] but the data of "
+                          f"{cfg.source or 'the config'} are [B, {', '.join(map(str, source.shape))}]")
+    return sde, model, source.sample_x0
 
 
 def main(argv=None) -> int:
     """Run the CLI; returns 0 (a bad config or checkpoint exits with code 2 and one line naming it)."""
     ap = argparse.ArgumentParser(prog="python -m gradscore_train.diagnose", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="experiment YAML (gradscore_train.config schema)")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest)")
+    which.add_argument("--pretrained", help="a diffusers pipeline or UNet folder (gradscore.load_pretrained); "
+                                             "--config then gives only the data")
     ap.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/diagnostics)")
     ap.add_argument("--num-data", type=int, default=4096, help="data samples x0 drawn from the training source")
     ap.add_argument("--num-times", type=int, default=16, help="points of the time grid")
@@ -36,9 +55,12 @@ def main(argv=None) -> int:
 
     try:                            # bad config or checkpoint: one line naming it, exit code 2
         cfg = load_config(args.config, overrides=tuple(args.overrides))
-        sde, model, sample_x0 = load_trained(cfg, args.checkpoint)
-        model = unconditional(cfg, model)          # a class-conditional model: its null-label (marginal) score
-    except (ConfigError, FileNotFoundError) as e:
+        if args.pretrained:
+            sde, model, sample_x0 = load_pretrained_for(cfg, args.pretrained)
+        else:
+            sde, model, sample_x0 = load_trained(cfg, args.checkpoint)
+            model = unconditional(cfg, model)      # a class-conditional model: its null-label (marginal) score
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         ap.exit(2, f"diagnose: {e}\n")
     torch.manual_seed(args.seed)
     x0 = sample_x0(args.num_data).float()
@@ -47,7 +69,7 @@ def main(argv=None) -> int:
         mix = toy_mixture(cfg.data)
         true_score = mix.score_fn(sde)
         log_prob_T = lambda x: mix.log_prob(x, sde.T, sde)  # noqa: E731
-    out = args.out or os.path.join(args.checkpoint, "diagnostics")
+    out = args.out or os.path.join(args.pretrained or args.checkpoint, "diagnostics")
     with torch.no_grad():
         result = diagnose(model, sde, x0, default_times(sde, args.num_times), out, true_score=true_score,
                           log_prob_T=log_prob_T, generator=torch.Generator().manual_seed(args.seed))

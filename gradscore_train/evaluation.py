@@ -12,7 +12,7 @@ from einops import rearrange
 
 from gradscore.sampling import sample
 
-__all__ = ["draw_samples", "save_scatter", "image_grid", "save_grid", "score_diagnostics", "quality"]
+__all__ = ["draw_samples", "save_scatter", "image_grid", "save_grid", "score_diagnostics", "quality", "to_pixels"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,11 @@ def draw_samples(score_model, sde, shape, n: int, method: str, steps: int, seed:
         out.append(sample(score_model, sde, (b, *shape), method=method, steps=steps, generator=g, device=device,
                           **cond).cpu())
     return torch.cat(out)
+
+
+def to_pixels(source, samples: torch.Tensor) -> torch.Tensor:
+    """Samples as the data's pixels: latents decoded by the source's autoencoder (``LatentSource``), else as is."""
+    return source.decode(samples) if hasattr(source, "decode") else samples
 
 
 def save_scatter(samples: torch.Tensor, data: torch.Tensor, path: str, title: str = ""):
@@ -110,6 +115,8 @@ def quality(source, samples: torch.Tensor, eval_cfg, seed: int, device="cpu") ->
     from gradscore import quality as Q
 
     g = torch.Generator().manual_seed(seed)
+    if hasattr(source, "decode"):                    # latents: judged as the decoded images against the images
+        samples, source = source.decode(samples), source.pixels
     if hasattr(source, "mixture"):
         return {f"quality/{k}": v for k, v in Q.toy_quality(source.mixture, samples, generator=g).items()}
     out = {}

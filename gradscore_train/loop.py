@@ -291,7 +291,7 @@ class Trainer:
                 data = self.source.sample_x0(n, generator=torch.Generator().manual_seed(1))
                 evaluation.save_scatter(x, data, path, title=f"{cfg.objective.name}, step {step}")
             else:
-                evaluation.save_grid(x, path)
+                evaluation.save_grid(evaluation.to_pixels(self.source, x), path)
             self.logbook.image(step, "samples", path)
             if final and cfg.eval.quality:
                 out.update(evaluation.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98),
