@@ -288,3 +288,18 @@ def test_driver_run_reports_model_nll(tmp_path):
         saved = json.load(f)
     assert math.isfinite(out["quality/model_nll"]) and saved["quality/model_nll"] == out["quality/model_nll"]
     assert "quality/model_nll_target" in saved
+
+
+def test_readme_likelihood_block_runs():
+    """The README's likelihood block (Diagnostics section) runs as written, with fewer points."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Diagnostics", 1)[1].split("\n## ", 1)[0]
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "log_likelihood(" in b]
+    code, n = re.subn(r"^num_points = .*$", "num_points = 16", code, flags=re.M)
+    assert n == 1
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["nll"].shape == (16,) and torch.isfinite(ns["bpd"]).all()
