@@ -29,6 +29,8 @@ TRIED = """\
 
 # Measurements of the dual_sobolev min-max on the toy, kept verbatim (they come from training runs, not from run.py).
 DUAL_SOBOLEV_STABILITY = (pathlib.Path(__file__).parent / "dual_sobolev_stability.md").read_text()
+# The likelihood's cost (benchmarks/likelihood_cost.py, run on its own: minutes), kept verbatim.
+LIKELIHOOD_COST = (pathlib.Path(__file__).parent / "likelihood_cost.md").read_text()
 
 
 def _f(v, fmt="{:.2f}"):
@@ -282,5 +284,5 @@ def markdown(results, command: str) -> str:
                 "and it needs no sampler, which is what makes it cheap where sampling is expensive (a UNet, many "
                 "steps). It also answers a different question: it sees only the observable part of the error at one t.",
                 ""]
-    out += [DUAL_SOBOLEV_STABILITY]
+    out += [DUAL_SOBOLEV_STABILITY, LIKELIHOOD_COST]
     return "\n".join(out)

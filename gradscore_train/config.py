@@ -144,6 +144,8 @@ class EvalConfig:
     classifier_cache: str = "~/.cache/gradscore/classifiers"
     fid_weights: str | None = None   # path to Inception weights (FID through torchmetrics), optional
     guidance_scale: float = 0.0     # class-conditional samples: classifier-free guidance w (0: conditional score)
+    likelihood: bool = False        # at the end: bits/dim of data (images) or model NLL in nats (toys), PF-ODE
+    likelihood_samples: int = 256   # data points the likelihood averages over
 
 
 @dataclass
@@ -304,7 +306,8 @@ def _check_values(cfg: Config, where: str):
     positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.max_steps": t.max_steps,
                 "train.keep_checkpoints": t.keep_checkpoints, "train.log_every": t.log_every,
                 "eval.num_samples": cfg.eval.num_samples, "eval.sample_steps": cfg.eval.sample_steps,
-                "eval.diag_samples": cfg.eval.diag_samples, "data.dim": cfg.data.dim,
+                "eval.diag_samples": cfg.eval.diag_samples, "eval.likelihood_samples": cfg.eval.likelihood_samples,
+                "data.dim": cfg.data.dim,
                 "data.components": cfg.data.components}
     for key, v in positive.items():
         if v < 1:

@@ -298,6 +298,9 @@ class Trainer:
                                               self.acc.device))
             if final:
                 torch.save(x, os.path.join(self.output_dir, "samples", f"step-{step:07d}.pt"))
+        if final and cfg.eval.likelihood:
+            out.update(evaluation.likelihood(model, self.sde, self.source, cfg.eval,
+                                             micro_seed(cfg.train.seed, step, 95), self.acc.device))
         if diagnostics:
             g = torch.Generator().manual_seed(micro_seed(cfg.train.seed, step, 97))
             x0 = self.source.sample_x0(cfg.eval.diag_samples, generator=g).to(self.acc.device)

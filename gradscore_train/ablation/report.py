@@ -71,6 +71,8 @@ def summary_rows(runs: list[dict], quality_key: str) -> list[dict]:
             row["nll"] = fmt_mean_std(q("nll"))
             for k in PREDICTORS:
                 row[k] = fmt_mean_std([_f(a["predictors"][k]) for a in assessed])
+            if any("quality/model_nll" in m for m in fm):      # eval.likelihood: the model's NLL of data (nats)
+                row["model_nll"] = fmt_mean_std([_f(m.get("quality/model_nll")) for m in fm])
         else:   # images: what the training loop measured (quality, diagnostics at eval.diag_times)
             for k in sorted({k for m in fm for k in m if k.startswith(("quality/", "diag/")) and "stderr" not in k}):
                 row[k] = fmt_mean_std([_f(m.get(k)) for m in fm])
@@ -263,6 +265,10 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
         body = [[r["label"], r["seeds"], r.get("energy_distance", "-"), r.get("floor", "-"), r.get("nll", "-"),
                  r.get("dsm_l2", "-"), r.get("gradient", "-"), r.get("solenoidal", "-"), r.get("kl_girsanov", "-"),
                  r.get("kl_gradient", "-"), r.get("siem", "-"), r["sec_per_step"], r["wall_s"]] for r in rows]
+        if any("model_nll" in r for r in rows):          # eval.likelihood was on: E_data[-log q] by the PF-ODE
+            header.insert(5, "model NLL")
+            for r, b in zip(rows, body):
+                b.insert(5, r.get("model_nll", "-"))
     else:
         lines += ["Quality and diagnostics as measured by the training loop at the end of each run "
                   "(`final_metrics.json`); no correlation study (it needs a target with an exact score).", ""]
@@ -271,6 +277,9 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
         body = [[r["label"], r["seeds"], *[r.get(k, "-") for k in qkeys], r["sec_per_step"], r["wall_s"]] for r in rows]
     table = _markdown_table(header, body)
     lines += [table, ""]
+    if toy and any("model_nll" in r for r in rows):
+        lines += ["`model NLL`: the trained model's NLL of target samples, E_p[-log q] in nats, by the "
+                  "probability-flow ODE (`eval.likelihood`; the target's entropy is what the exact score gives).", ""]
     if toy and population:
         ent = [_f(p["quality"]["entropy"]) for p in population]
         lines += [f"Target entropy (NLL of exact samples): {fmt(float(np.mean(ent)))}.", ""]
