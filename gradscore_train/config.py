@@ -30,7 +30,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 __all__ = ["ConfigError", "Config", "SDEConfig", "DataConfig", "ModelConfig", "CriticConfig", "ObjectiveConfig",
            "TrainConfig", "EvalConfig", "load_config", "config_from_dict", "config_to_dict", "structured",
-           "read_yaml", "parse_override"]
+           "read_yaml", "parse_override", "config_changes", "check_same_experiment", "check_resume_config",
+           "RESUMABLE_CHANGES"]
 
 
 class ConfigError(ValueError):
@@ -326,6 +327,73 @@ def _check_values(cfg: Config, where: str):
         raise ConfigError(f"{where}: model.kind='mlp' needs toy data; use model.kind='unet' for data.kind={d.kind!r}")
     if d.kind == "toy" and cfg.model.kind == "unet":
         raise ConfigError(f"{where}: model.kind='unet' needs image data; use model.kind='mlp' for data.kind='toy'")
+
+
+# ----------------------------------------------------------------------------- comparing configs
+# keys a resumed run may change (with --allow-config-change; train.max_steps also through --max-steps): they
+# decide how long the run goes and what it writes or evaluates, not the model, the objective, the data or
+# the update rule, so the resumed steps stay those of an uninterrupted run.
+RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                     "eval.")
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.startswith("objective.hparams"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two config mappings (``config_to_dict``), as
+    ``{key: (saved value, current value)}``; ``source`` (where a config was read from) is ignored.
+    ``objective.hparams`` compares as one value (its defaults are the objective's own)."""
+    a, b = _flatten(saved), _flatten(current)
+    missing = object()
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k != "source" and a.get(k, missing) != b.get(k, missing)}
+
+
+def _listed(changes: dict) -> str:
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
+def check_same_experiment(saved: dict, current: dict, where: str, ignored: Iterable[str] = (), hint: str = "") -> None:
+    """Raise one ``ConfigError`` listing every key (but those starting with one of ``ignored``) in which
+    ``current`` differs from ``saved``, the config stored at ``where``; ``hint`` ends the message."""
+    bad = {k: v for k, v in config_changes(saved, current).items() if not k.startswith(tuple(ignored))}
+    if bad:
+        raise ConfigError(f"the config differs from {where} in {len(bad)} key(s): {_listed(bad)}"
+                          + (f". {hint}" if hint else ""))
+
+
+def check_resume_config(saved: dict, current: dict, where: str, allow_changes: bool = False,
+                        allow_max_steps: bool = False) -> dict[str, tuple[Any, Any]]:
+    """Whether a run whose checkpoint holds the config ``saved`` (at ``where``) may resume with ``current``.
+
+    Keys outside ``RESUMABLE_CHANGES`` (model, objective, data, process, optimizer, seed) may never
+    change; those inside only with ``allow_changes`` (``--allow-config-change``), and ``train.max_steps``
+    also with ``allow_max_steps`` (``--max-steps``). Raises one ``ConfigError`` listing every offending
+    key; returns the allowed changes (to log them)."""
+    changes = config_changes(saved, current)
+    unsafe = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
+    safe = {k: v for k, v in changes.items() if k not in unsafe}
+    held = {} if allow_changes else {k: v for k, v in safe.items() if not (allow_max_steps and k == "train.max_steps")}
+    if unsafe or held:
+        parts = []
+        if unsafe:
+            parts.append(f"{_listed(unsafe)} (these change the model, objective, data or update rule: resume with the "
+                         f"checkpoint's config, or start a new --output-dir)")
+        if held:
+            parts.append(f"{_listed(held)} (safe to change: pass --allow-config-change"
+                         + (", or --max-steps for train.max_steps" if "train.max_steps" in held else "") + ")")
+        raise ConfigError(f"cannot resume: the config differs from {where} in {len(unsafe) + len(held)} key(s): "
+                          + "; and ".join(parts))
+    return safe
 
 
 def load_config(path, overrides: Iterable[str] = ()) -> Config:

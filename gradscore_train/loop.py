@@ -34,8 +34,15 @@ from gradscore.objectives import Phase
 
 from . import evaluation
 from .build import build_critic, build_score_model, build_sde, check_objective_config, objective_from_config
-from .checkpoint import latest_checkpoint, read_step, resolve_checkpoint, save_checkpoint
-from .config import Config, config_to_dict
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_dirs,
+    latest_intact_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import Config, check_resume_config, config_to_dict, read_yaml
 from .data import BatchPlan, build_source, micro_seed
 from .ema import EMA
 from .logbook import Logbook
@@ -98,7 +105,8 @@ class Trainer:
     Attributes after construction: ``acc`` (the Accelerator), ``model`` and ``critic`` (prepared),
     ``objective``, ``phases`` (its recipe, on the prepared critic), ``ema``, ``source``, ``sde``,
     ``start_step``."""
-    def __init__(self, cfg: Config, output_dir: str, resume, progress: bool):
+    def __init__(self, cfg: Config, output_dir: str, resume, progress: bool, allow_config_change: bool = False,
+                 allow_max_steps: bool = False):
         self.cfg, self.output_dir, self.progress = cfg, output_dir, progress
         self.spec = check_objective_config(cfg)
         self.acc = acc = _make_accelerator(cfg)
@@ -140,19 +148,36 @@ class Trainer:
         self._zero_norm = torch.zeros((), device=acc.device)       # the norm of no gradients
         self._data_gen = torch.Generator()                      # reseeded for every micro-batch
         self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
-        acc.register_for_checkpointing(self.ema)
         self.logbook = Logbook(output_dir, enabled=self.main)
         self.start_step = 0
         self.last_checkpoint = None
         if resume:
-            ckpt = latest_checkpoint(output_dir) if resume == "latest" else resolve_checkpoint(resume)
-            if ckpt is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(output_dir, 'checkpoints')}")
-            acc.load_state(ckpt)
-            self.start_step = read_step(ckpt)
+            ckpt = self._resume_from(resume, allow_config_change, allow_max_steps)
+            self.start_step = load_checkpoint(acc, ckpt, [self.model] + ([self.critic] if self.critic else []),
+                                              self.opt, self.ema)
             self.last_checkpoint = ckpt
             if self.main:
                 log.info("resumed from %s at step %d", ckpt, self.start_step)
+
+    def _resume_from(self, resume: str, allow_config_change: bool, allow_max_steps: bool) -> str:
+        """The checkpoint to resume from (``"latest"``: the newest intact one of the output dir), after
+        checking that the run's config may continue it (``check_resume_config``)."""
+        if resume == "latest":
+            ckpt = latest_intact_checkpoint(self.output_dir)
+            if ckpt is None:
+                found = checkpoint_dirs(self.output_dir)
+                where = os.path.join(self.output_dir, "checkpoints")
+                raise CheckpointError(f"--resume: no intact checkpoint under {where}"
+                                      + (f" ({len(found)} damaged: {', '.join(found)})" if found else ""))
+        else:
+            ckpt = resolve_checkpoint(resume)
+        saved = os.path.join(ckpt, "config.yaml")
+        changes = check_resume_config(read_yaml(saved, what="checkpoint config"), config_to_dict(self.cfg), saved,
+                                      allow_config_change, allow_max_steps)
+        if changes and self.main:
+            log.info("resuming with changed keys: %s",
+                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        return ckpt
 
     # ------------------------------------------------------------------------- one phase
     def _phase(self, step: int, key: int, phase: Phase, unwrapped):
@@ -353,7 +378,7 @@ class Trainer:
 
 
 def run(config: Config, output_dir: str, resume: str | None = None, max_steps: int | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, allow_config_change: bool = False) -> dict:
     """Train ``config`` into ``output_dir`` and return the final metrics (main process; other ranks
     return the loss and step only).
 
@@ -361,14 +386,19 @@ def run(config: Config, output_dir: str, resume: str | None = None, max_steps: i
         config: a validated ``Config`` (``gradscore_train.config.load_config``).
         output_dir: where checkpoints, ``metrics.jsonl``, ``tensorboard/``, ``samples/`` go.
         resume: ``"latest"`` (the newest checkpoint in ``output_dir``) or a checkpoint folder.
-        max_steps: overrides ``train.max_steps`` (the total, counting resumed steps).
+        max_steps: overrides ``train.max_steps`` (the total, counting resumed steps); a resumed run may
+            change it.
+        allow_config_change: a resumed run may change the keys of ``config.RESUMABLE_CHANGES``
+            (length, checkpointing, logging, evaluation); others never (``check_resume_config``).
     Raises:
+        ConfigError: the config may not resume the checkpoint (every differing key listed).
+        CheckpointError: no intact checkpoint to resume, or one could not be written.
         NonFiniteLoss: a loss or gradient became NaN/Inf (message names the step and the term).
     """
     if max_steps is not None:
         config = copy.deepcopy(config)
         config.train.max_steps = int(max_steps)
-    r = Trainer(config, output_dir, resume, progress)
+    r = Trainer(config, output_dir, resume, progress, allow_config_change, allow_max_steps=max_steps is not None)
     try:
         return r.train()
     finally:
