@@ -156,6 +156,10 @@ class BatchPlan:
         if global_batch % num_micro:
             raise DataError(f"train.batch_size={global_batch} must be divisible by processes x train.grad_accum "
                             f"= {num_micro}")
+        if source.finite and len(source) < global_batch:
+            raise DataError(f"{getattr(source, 'name', 'the data set')}: {len(source)} examples, fewer than "
+                            f"train.batch_size={global_batch} (a batch would repeat examples); lower "
+                            "train.batch_size or add data (data.max_images)")
         self.source, self.global_batch, self.num_micro, self.seed = source, global_batch, num_micro, seed
         self.micro_batch = global_batch // num_micro
         self._perm_cache: dict[int, torch.Tensor] = {}
@@ -231,6 +235,25 @@ def _pick_columns(ds, cfg, name):
     return image_col, label_col
 
 
+_GREY, _COLOUR = "L", "RGB"
+_GREY_MODES = ("L", "1", "I", "I;16", "F")
+
+
+def _words(mode: str) -> str:
+    return "greyscale (1 channel)" if mode == _GREY else "colour (3 channels)"
+
+
+def _which(ds, column: str, i: int) -> str:
+    """``image i`` and, when the data set knows it, its file (read undecoded; called for messages only)."""
+    from datasets import Image
+
+    try:
+        path = (ds.cast_column(column, Image(decode=False))[i][column] or {}).get("path")
+    except Exception:   # an in-memory or streamed set may not keep paths: the index alone then
+        path = None
+    return f"image {i} ({path})" if path else f"image {i}"
+
+
 def images_from_dataset(ds, cfg, name: str) -> TensorSource:
     """Decode a ``datasets.Dataset`` of images into a ``TensorSource`` (resized, ``[-1, 1]``)."""
     if len(ds) == 0:
@@ -242,15 +265,26 @@ def images_from_dataset(ds, cfg, name: str) -> TensorSource:
     for i in range(n):
         ex = ds[i]
         img = ex[image_col]
-        if mode is None:
-            mode = "L" if getattr(img, "mode", "RGB") in ("L", "1", "I", "I;16", "F") else "RGB"
+        if img.mode in ("F", "I", "I;16"):          # float / integer images: convert() would crush NaN to 0
+            raw = np.asarray(img)
+            if not np.isfinite(raw).all():
+                bad = int((~np.isfinite(raw)).sum())
+                raise DataError(f"{name}: {_which(ds, image_col, i)} holds {bad} NaN or Inf pixels")
+        own = _GREY if img.mode in _GREY_MODES else _COLOUR
+        if cfg.channels is None:
+            if mode is None:
+                mode = own
+            elif own != mode:
+                raise DataError(f"{name}: {_which(ds, image_col, i)} is {_words(own)} but {_which(ds, image_col, 0)} "
+                                f"is {_words(mode)}; "
+                                "set data.channels (1 or 3) to convert every image")
         img = img.convert(mode)
         if cfg.resolution is not None and img.size != (cfg.resolution, cfg.resolution):
             img = img.resize((cfg.resolution, cfg.resolution), resample=3)   # bicubic
         a = np.asarray(img, dtype=np.uint8)
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
         if xs and a.shape != xs[0].shape:
-            raise DataError(f"{name}: image {i} has shape {a.shape}, image 0 has {xs[0].shape}; "
+            raise DataError(f"{name}: {_which(ds, image_col, i)} has shape {a.shape}, image 0 has {xs[0].shape}; "
                             "set data.resolution to resize")
         xs.append(a)
         if label_col is not None:

@@ -18,6 +18,7 @@ import torch
 from gradscore.diagnostics import default_times, diagnose
 
 from .build import load_trained
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import toy_mixture
 
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     try:                            # bad config or checkpoint: one line naming it, exit code 2
         cfg = load_config(args.config, overrides=tuple(args.overrides))
         sde, model, sample_x0 = load_trained(cfg, args.checkpoint)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         ap.exit(2, f"diagnose: {e}\n")
     torch.manual_seed(args.seed)
     x0 = sample_x0(args.num_data).float()

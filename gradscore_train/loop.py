@@ -42,12 +42,12 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import Config, check_resume_config, config_to_dict, read_yaml
+from .config import Config, ConfigError, check_resume_config, config_to_dict, read_yaml
 from .data import BatchPlan, build_source, micro_seed
 from .ema import EMA
 from .logbook import Logbook
 
-__all__ = ["run", "Trainer", "NonFiniteLoss", "resolve_mixed_precision", "make_optimizer"]
+__all__ = ["run", "Trainer", "NonFiniteLoss", "check_writable", "resolve_mixed_precision", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class Trainer:
         self.spec = check_objective_config(cfg)
         self.acc = acc = _make_accelerator(cfg)
         self.main = acc.is_main_process
+        check_writable(output_dir, acc.process_index)
         self.source = build_source(cfg.data)
         self.plan = BatchPlan(self.source, cfg.train.batch_size, acc.num_processes * cfg.train.grad_accum,
                               cfg.train.seed)
@@ -135,6 +136,7 @@ class Trainer:
             self.model, self.opt = acc.prepare(model, opt)
             self.critic = None
         self.phases = self.objective.phases()
+        self._check_outputs(acc.unwrap_model(self.model), acc.unwrap_model(self.critic) if critic is not None else None)
         from accelerate.utils import DistributedType
 
         # one process or plain DDP, no loss scaler: accelerate's backward, clipping and optimizer
@@ -178,6 +180,22 @@ class Trainer:
             log.info("resuming with changed keys: %s",
                      ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
         return ckpt
+
+    def _check_outputs(self, model, critic) -> None:
+        """One forward pass of the score model and the critic on two training examples before any step,
+        so a model that returns the wrong shape fails here (a ``ConfigError`` naming it) and not later
+        in a run. Uses its own generator: the run's random draws are unchanged."""
+        x = self.source.sample_x0(2, generator=torch.Generator().manual_seed(0)).to(self.acc.device)
+        t = torch.full((2,), 0.5, device=self.acc.device)
+        where = self.cfg.source or "config"
+        try:
+            score = model(x, t)
+            if score.shape != x.shape:
+                raise ValueError(f"the score model must return [B, *D] = {list(x.shape)}, got {list(score.shape)}")
+            if critic is not None:
+                critic.potential(x, t)      # the library checks the critic's [B] output (scalar_per_sample)
+        except ValueError as e:
+            raise ConfigError(f"{where}: the models fail a check before training: {e}") from None
 
     # ------------------------------------------------------------------------- one phase
     def _phase(self, step: int, key: int, phase: Phase, unwrapped):
@@ -375,6 +393,19 @@ class Trainer:
         acc.wait_for_everyone()
         self.logbook.close()
         return metrics
+
+
+def check_writable(output_dir: str, rank: int = 0) -> None:
+    """Create ``output_dir`` and write and remove a file in it; a ``CheckpointError`` naming the folder
+    if that fails (before any compute, so a run cannot lose its work to an unwritable folder)."""
+    probe = os.path.join(output_dir, f".write-test-{rank}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"output directory {output_dir!r} cannot be written: {e}") from None
 
 
 def run(config: Config, output_dir: str, resume: str | None = None, max_steps: int | None = None,
