@@ -46,6 +46,7 @@ from .config import Config, ConfigError, check_resume_config, config_to_dict, re
 from .data import BatchPlan, build_source, micro_seed
 from .ema import EMA
 from .logbook import Logbook
+from .ranks import check_world_size, report_failure, set_step, start_guard, stop_guard
 
 __all__ = ["run", "Trainer", "NonFiniteLoss", "check_writable", "resolve_mixed_precision", "make_optimizer"]
 
@@ -68,9 +69,11 @@ def _make_accelerator(cfg: Config):
     # cpu=True without CUDA: under `accelerate launch --multi_gpu` on CPU this is what makes the
     # processes join one gloo group instead of each believing it is rank 0 of 1
     # (docs/engineering.md, "accelerate on CPU").
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                       gradient_accumulation_steps=cfg.train.grad_accum)
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+                      gradient_accumulation_steps=cfg.train.grad_accum)
+    check_world_size(acc.num_processes)
+    return acc
 
 
 def make_optimizer(groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -111,6 +114,7 @@ class Trainer:
         self.spec = check_objective_config(cfg)
         self.acc = acc = _make_accelerator(cfg)
         self.main = acc.is_main_process
+        start_guard(acc.num_processes, acc.process_index)      # a failing rank stops the others (ranks.py)
         check_writable(output_dir, acc.process_index)
         self.source = build_source(cfg.data)
         self.plan = BatchPlan(self.source, cfg.train.batch_size, acc.num_processes * cfg.train.grad_accum,
@@ -348,6 +352,7 @@ class Trainer:
         last_saved = self.start_step if self.last_checkpoint else None
         t_loop = time.perf_counter()
         for step in range(self.start_step, cfg.train.max_steps):
+            set_step(step + 1)
             scale = _lr_scale(step, cfg.train.warmup_steps)
             for group, base in zip(self.opt.param_groups, self.base_lrs):
                 group["lr"] = base * scale
@@ -421,6 +426,9 @@ def run(config: Config, output_dir: str, resume: str | None = None, max_steps: i
             change it.
         allow_config_change: a resumed run may change the keys of ``config.RESUMABLE_CHANGES``
             (length, checkpointing, logging, evaluation); others never (``check_resume_config``).
+    In a multi-process run, an error on one rank is reported to the others, which stop
+    (``gradscore_train.ranks``).
+
     Raises:
         ConfigError: the config may not resume the checkpoint (every differing key listed).
         CheckpointError: no intact checkpoint to resume, or one could not be written.
@@ -429,8 +437,16 @@ def run(config: Config, output_dir: str, resume: str | None = None, max_steps: i
     if max_steps is not None:
         config = copy.deepcopy(config)
         config.train.max_steps = int(max_steps)
-    r = Trainer(config, output_dir, resume, progress, allow_config_change, allow_max_steps=max_steps is not None)
     try:
-        return r.train()
+        r = Trainer(config, output_dir, resume, progress, allow_config_change, allow_max_steps=max_steps is not None)
+        try:
+            return r.train()
+        finally:
+            r.logbook.close()
+    except NonFiniteLoss:        # every rank raises it at the same step (the guard's check is collective)
+        raise
+    except BaseException as e:   # this rank alone may fail: the others must not wait for it (ranks.py)
+        report_failure(e)
+        raise
     finally:
-        r.logbook.close()
+        stop_guard()

@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import NoReturn
 
 from .config import ConfigError, load_config
@@ -57,11 +58,21 @@ def exit_without_finalization(code: int) -> NoReturn:
 def main(argv=None) -> int:
     """The command line; returns the exit code (0, 2 for a config, data or checkpoint error, 3 for a non-finite loss).
     In a multi-process run the process ends here instead (``exit_without_finalization``)."""
-    code = _main(argv)
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+    try:
+        code = _main(argv)
+    except BaseException:
+        if _distributed():     # the error was reported to the other ranks (ranks.py); end now, without hanging
+            traceback.print_exc()
+            exit_without_finalization(1)
+        raise
+    if _distributed():
         exit_without_finalization(code)
     return code
+
+
+def _distributed() -> bool:
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
 
 
 def _main(argv=None) -> int:
