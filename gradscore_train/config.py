@@ -132,6 +132,11 @@ class EvalConfig:
     use_ema: bool = True
     diag_times: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])
     diag_samples: int = 512
+    diag_points: int = 65536        # points of each diagnostic estimate (gradscore.diagnostics num_points)
+    # time budget (gradscore_train/budget.py): an evaluation may take max(budget x the training time since the
+    # last one, min_seconds); sizes above are reduced to fit (logged, and in the metrics eval/*). null: exact sizes
+    budget: float | None = 0.25
+    min_seconds: float = 30.0
     quality: bool = True            # sample-quality metrics at the end
     classifier_cache: str = "~/.cache/gradscore/classifiers"
     fid_weights: str | None = None   # path to Inception weights (FID through torchmetrics), optional
@@ -306,6 +311,12 @@ def _check_values(cfg: Config, where: str):
     for key, v in nonneg.items():
         if v < 0:
             raise ConfigError(f"{where}: {key} must be >= 0, got {v}")
+    if cfg.eval.diag_points < 1:
+        raise ConfigError(f"{where}: eval.diag_points must be >= 1, got {cfg.eval.diag_points}")
+    if cfg.eval.budget is not None and not cfg.eval.budget > 0:
+        raise ConfigError(f"{where}: eval.budget must be > 0 or null, got {cfg.eval.budget}")
+    if not cfg.eval.min_seconds >= 0:
+        raise ConfigError(f"{where}: eval.min_seconds must be >= 0, got {cfg.eval.min_seconds}")
     if not t.lr > 0:
         raise ConfigError(f"{where}: train.lr must be > 0, got {t.lr}")
     if not 0 <= t.ema_decay < 1:

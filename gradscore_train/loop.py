@@ -33,6 +33,7 @@ import yaml
 from gradscore.objectives import Phase
 
 from . import evaluation
+from .budget import EvalBudget, fit_points, fit_samples
 from .build import build_critic, build_score_model, build_sde, check_objective_config, objective_from_config
 from .checkpoint import (
     CheckpointError,
@@ -299,37 +300,90 @@ class Trainer:
             self.ema.copy_to(m)
         return m.to(self.acc.device).eval()
 
-    def evaluate(self, step: int, samples: bool, diagnostics: bool, final: bool = False) -> dict:
-        """Main process only: plots, diagnostics, (final) quality. Returns the metrics it logged."""
-        cfg, out = self.cfg, {}
+    def evaluate(self, step: int, samples: bool, diagnostics: bool, final: bool = False,
+                 train_seconds: float | None = None) -> dict:
+        """Main process only: samples (plot, range check), final quality, diagnostics, with a progress bar
+        naming each stage. After ``train_seconds`` of training the sizes are fitted to the time budget
+        ``max(eval.budget * train_seconds, eval.min_seconds)`` (gradscore_train/budget.py; the sizes used
+        are logged and in the metrics ``eval/*``). Returns the metrics it logged."""
+        from tqdm.auto import tqdm
+
+        cfg, ev, out = self.cfg, self.cfg.eval, {}
+        budget = EvalBudget(None) if train_seconds is None else EvalBudget.after_training(train_seconds, ev.budget,
+                                                                                         ev.min_seconds)
+        quality = samples and final and ev.quality
+        bar = tqdm(total=int(samples) + int(quality) + int(diagnostics), desc=f"eval step {step}", leave=False,
+                   disable=not self.progress, dynamic_ncols=True)
         model = self._eval_model()
         if samples:
-            n = cfg.eval.num_samples if final else min(cfg.eval.num_samples, 1000)
-            x = evaluation.draw_samples(model, self.sde, self.source.shape, n, cfg.eval.method, cfg.eval.sample_steps,
-                                    micro_seed(cfg.train.seed, step, 99), self.acc.device)
+            n, steps = (ev.num_samples if final else min(ev.num_samples, 1000)), ev.sample_steps
+            if budget.limited and n * steps > 64 * 20:     # not when the floors of fit_samples are the sizes
+                share = budget.remaining() * (0.5 if diagnostics else 1.0)
+                fitted = fit_samples(n, steps, self._sampling_cost(model, min(n, 64)), share)
+                if fitted != (n, steps):
+                    log.info("evaluation at step %d (budget %.0f s): %d samples x %d steps instead of %d x %d",
+                             step, budget.seconds, *fitted, n, steps)
+                n, steps = fitted
+            bar.set_description(f"eval step {step}: sampling {n} x {steps} {ev.method} steps")
+            x = evaluation.draw_samples(model, self.sde, self.source.shape, n, ev.method, steps,
+                                        micro_seed(cfg.train.seed, step, 99), self.acc.device)
             os.makedirs(os.path.join(self.output_dir, "samples"), exist_ok=True)
             path = os.path.join(self.output_dir, "samples", f"step-{step:07d}.png")
+            data = self.source.sample_x0(min(n, 1000), generator=torch.Generator().manual_seed(1))
             if len(self.source.shape) == 1:
-                data = self.source.sample_x0(n, generator=torch.Generator().manual_seed(1))
                 evaluation.save_scatter(x, data, path, title=f"{cfg.objective.name}, step {step}")
             else:
                 evaluation.save_grid(x, path)
             self.logbook.image(step, "samples", path)
-            if final and cfg.eval.quality:
-                out.update(evaluation.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98),
+            out.update({"eval/num_samples": n, "eval/sample_steps": steps, **evaluation.range_check(
+                x, data, name=f"samples at step {step}")})
+            bar.update()
+            if quality:
+                bar.set_description(f"eval step {step}: sample quality")
+                out.update(evaluation.quality(self.source, x, ev, micro_seed(cfg.train.seed, step, 98),
                                               self.acc.device))
+                bar.update()
             if final:
                 torch.save(x, os.path.join(self.output_dir, "samples", f"step-{step:07d}.pt"))
         if diagnostics:
             g = torch.Generator().manual_seed(micro_seed(cfg.train.seed, step, 97))
-            x0 = self.source.sample_x0(cfg.eval.diag_samples, generator=g).to(self.acc.device)
+            x0 = self.source.sample_x0(ev.diag_samples, generator=g).to(self.acc.device)
             true = self.source.mixture.score_fn(self.sde) if hasattr(self.source, "mixture") else None
+            points = ev.diag_points
+            if budget.limited and points > 512:            # a pilot's fixed cost would exceed the savings
+                calls = len(ev.diag_times) * (3 if true is not None else 2)
+                fitted = fit_points(points, calls, self._diagnostic_cost(model, x0, min(points, 128)),
+                                    budget.remaining())
+                if fitted != points:
+                    log.info("evaluation at step %d (budget %.0f s): diagnostics on %d points instead of %d",
+                             step, budget.seconds, fitted, points)
+                points = fitted
+            bar.set_description(f"eval step {step}: diagnostics at {len(ev.diag_times)} times x {points} points")
             g_dev = torch.Generator(device=self.acc.device).manual_seed(micro_seed(cfg.train.seed, step, 96))
-            out.update(evaluation.score_diagnostics(model, self.sde, x0, cfg.eval.diag_times, true_score=true,
-                                                    generator=g_dev))
-        if out:
-            self.logbook.log(step, out)
+            out.update(evaluation.score_diagnostics(model, self.sde, x0, ev.diag_times, true_score=true,
+                                                    generator=g_dev, num_points=points))
+            out["eval/diag_points"] = points
+            bar.update()
+        bar.close()
+        out["eval/seconds"] = budget.elapsed()
+        if budget.limited:
+            out["eval/budget_seconds"] = budget.seconds
+        self.logbook.log(step, out)
         return out
+
+    def _sampling_cost(self, model, n: int) -> float:
+        """Seconds per sample per sampler step, timed on ``n`` samples x 2 steps (its own generator)."""
+        t0 = time.perf_counter()
+        evaluation.draw_samples(model, self.sde, self.source.shape, n, self.cfg.eval.method, 2, 0, self.acc.device)
+        return (time.perf_counter() - t0) / (2 * n)
+
+    def _diagnostic_cost(self, model, x0, points: int) -> float:
+        """Seconds per point of one diagnostic call, timed on ``points`` points (its own generator)."""
+        g = torch.Generator(device=self.acc.device).manual_seed(0)
+        t0 = time.perf_counter()
+        evaluation.score_diagnostics(model, self.sde, x0, self.cfg.eval.diag_times[:1], generator=g,
+                                     num_points=points)
+        return (time.perf_counter() - t0) / (2 * points)     # gradient and solenoidal error: two calls
 
     # ------------------------------------------------------------------------- main loop
     def train(self) -> dict:
@@ -351,6 +405,7 @@ class Trainer:
         unwrapped = acc.unwrap_model(self.model)
         last_saved = self.start_step if self.last_checkpoint else None
         t_loop = time.perf_counter()
+        t_mark, eval_seconds = t_loop, 0.0     # training time since the last evaluation; time spent evaluating
         for step in range(self.start_step, cfg.train.max_steps):
             set_step(step + 1)
             scale = _lr_scale(step, cfg.train.warmup_steps)
@@ -380,18 +435,23 @@ class Trainer:
             want_s = ev.sample_every and done % ev.sample_every == 0 and done < cfg.train.max_steps
             want_d = ev.diagnose_every and done % ev.diagnose_every == 0 and done < cfg.train.max_steps
             if (want_s or want_d) and self.main:
-                self.evaluate(done, bool(want_s), bool(want_d))
+                t_eval = time.perf_counter()
+                self.evaluate(done, bool(want_s), bool(want_d), train_seconds=t_eval - t_mark)
+                t_mark = time.perf_counter()
+                eval_seconds += t_mark - t_eval
         bar.close()
         final_step = cfg.train.max_steps
         if last_saved != final_step:
             self.last_checkpoint = save_checkpoint(acc, self.output_dir, final_step, self.model, self.ema, config_dict,
                                                    cfg.train.keep_checkpoints)
         metrics = {"step": final_step}
+        t_end = time.perf_counter()
         if final_step > self.start_step:   # wall time of the optimizer steps of this segment (checkpoints included)
-            metrics["train/seconds_per_step"] = (time.perf_counter() - t_loop) / (final_step - self.start_step)
+            metrics["train/seconds_per_step"] = (t_end - t_loop - eval_seconds) / (final_step - self.start_step)
         metrics["train/loss"] = float(acc.reduce(loss.reshape(1).to(acc.device), "mean"))
         if self.main:
-            metrics.update(self.evaluate(final_step, samples=True, diagnostics=True, final=True))
+            metrics.update(self.evaluate(final_step, samples=True, diagnostics=True, final=True,
+                                         train_seconds=t_end - t_loop - eval_seconds))
             with open(os.path.join(self.output_dir, "final_metrics.json"), "w") as f:
                 json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                            for k, v in metrics.items()}, f, indent=1)
