@@ -481,7 +481,8 @@ def run(config: Config, output_dir: str, resume: str | None = None, max_steps: i
     Args:
         config: a validated ``Config`` (``gradscore_train.config.load_config``).
         output_dir: where checkpoints, ``metrics.jsonl``, ``tensorboard/``, ``samples/`` go.
-        resume: ``"latest"`` (the newest checkpoint in ``output_dir``) or a checkpoint folder.
+        resume: ``"latest"`` (the newest intact checkpoint in ``output_dir``), ``"auto"`` (the same when
+            ``output_dir`` has checkpoints, else a fresh start) or a checkpoint folder.
         max_steps: overrides ``train.max_steps`` (the total, counting resumed steps); a resumed run may
             change it.
         allow_config_change: a resumed run may change the keys of ``config.RESUMABLE_CHANGES``
@@ -494,6 +495,8 @@ def run(config: Config, output_dir: str, resume: str | None = None, max_steps: i
         CheckpointError: no intact checkpoint to resume, or one could not be written.
         NonFiniteLoss: a loss or gradient became NaN/Inf (message names the step and the term).
     """
+    if resume == "auto":             # requeued jobs: resume when the run has checkpoints, else start
+        resume = "latest" if checkpoint_dirs(output_dir) else None
     if max_steps is not None:
         config = copy.deepcopy(config)
         config.train.max_steps = int(max_steps)

@@ -30,7 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<config folder>-<config name>)")
     p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides train.max_steps)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder")
+                   help="continue from the newest intact checkpoint in --output-dir, or from the given checkpoint "
+                        "folder; --resume auto: the same, or a fresh start when --output-dir has no checkpoints")
     p.add_argument("--allow-config-change", action="store_true",
                    help="--resume with changed length, checkpoint, logging or eval keys (never model, objective, data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -209,4 +209,13 @@ def test_driver_loads_files_only_as_safetensors_or_weights_only():
                     assert "weights_only=True" in m.group(1), f"{name}: {m.group(0)}"
                 assert "load_state(" not in src.replace("load_state_dict(", ""), name
                 assert not re.search(r"^\s*import pickle|pickle\.load", src, re.M), name
-    assert read_step  # the public reader stays importable
+
+
+def test_resume_auto_starts_a_fresh_folder_and_continues_one_with_checkpoints(trained, tmp_path):
+    assert run(toy(), str(tmp_path / "fresh"), max_steps=2, resume="auto", progress=False)["step"] == 2
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint"):
+        run(toy(), str(tmp_path / "empty"), max_steps=2, resume="latest", progress=False)
+    out = tmp_path / "run"
+    shutil.copytree(trained / "four", out)
+    assert run(toy(), str(out), max_steps=5, resume="auto", progress=False)["step"] == 5
+    assert read_step(latest_intact_checkpoint(str(out))) == 5
