@@ -69,6 +69,9 @@ class DataConfig:
     channels: int | None = None       # None: the data's own (1 grey, 3 RGB)
     max_images: int | None = None
     random_flip: bool = False
+    # images from datasets: true decodes all into memory (every rank), false reads the memory-mapped Arrow files
+    # batch by batch (data larger than memory), null: in memory up to 1 GiB of pixels
+    in_memory: bool | None = None
 
 
 @dataclass
@@ -330,7 +333,7 @@ def _check_values(cfg: Config, where: str):
     d = cfg.data
     if d.kind == "imagefolder" and not d.data_dir:
         raise ConfigError(f"{where}: data.data_dir is required for data.kind='imagefolder'")
-    if d.kind == "hf" and not (d.name or d.data_dir):
+    if d.kind == "hf" and not (d.name or d.data_dir):   # data_dir alone: a datasets save_to_disk folder
         raise ConfigError(f"{where}: data.name (a datasets name) is required for data.kind='hf'")
     if d.data_dir and d.kind in ("imagefolder",) and not os.path.isdir(os.path.expanduser(d.data_dir)):
         raise ConfigError(f"{where}: data.data_dir {d.data_dir!r} is not a directory")
