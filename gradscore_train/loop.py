@@ -456,6 +456,7 @@ class Trainer:
                 json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                            for k, v in metrics.items()}, f, indent=1)
         acc.wait_for_everyone()
+        stop_guard()                 # every rank is done: a rank that exits first is no failure
         self.logbook.close()
         return metrics
 
