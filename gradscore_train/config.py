@@ -362,11 +362,21 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A stored config with the schema's defaults for keys it lacks (written before they existed); as
+    stored if it no longer validates."""
+    try:
+        return config_to_dict(structured(Config, saved, "stored config"))
+    except ConfigError:
+        return saved
+
+
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """The dotted keys whose values differ between two config mappings (``config_to_dict``), as
-    ``{key: (saved value, current value)}``; ``source`` (where a config was read from) is ignored.
+    ``{key: (saved value, current value)}``; ``source`` (where a config was read from) is ignored, and a
+    key either lacks (a config written before the key existed) takes the schema's default.
     ``objective.hparams`` compares as one value (its defaults are the objective's own)."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _flatten(_with_defaults(saved)), _flatten(_with_defaults(current))
     missing = object()
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k != "source" and a.get(k, missing) != b.get(k, missing)}

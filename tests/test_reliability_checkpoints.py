@@ -153,6 +153,12 @@ def test_resume_config_rules():
     with pytest.raises(ConfigError, match=r"train.max_steps: 4 -> 8 .*or --max-steps"):
         check_resume_config(saved, longer, "x")
     assert check_resume_config(saved, longer, "x", allow_max_steps=True) == {"train.max_steps": (4, 8)}
+    # a checkpoint written before a key existed: the key takes the schema's default, so it is no change
+    from gradscore_train.config import Config, config_to_dict
+    full = config_to_dict(Config())
+    older = {**full, "eval": {k: v for k, v in full["eval"].items() if k != "budget"},
+             "data": {k: v for k, v in full["data"].items() if k != "in_memory"}}
+    assert check_resume_config(older, full, "x") == {}
     faster = {**saved, "train": {**saved["train"], "lr": 2e-3}}
     with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.002 \(these change"):
         check_resume_config(saved, faster, "x", allow_changes=True, allow_max_steps=True)
