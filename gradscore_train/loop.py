@@ -452,9 +452,11 @@ class Trainer:
         if self.main:
             metrics.update(self.evaluate(final_step, samples=True, diagnostics=True, final=True,
                                          train_seconds=t_end - t_loop - eval_seconds))
-            with open(os.path.join(self.output_dir, "final_metrics.json"), "w") as f:
+            path = os.path.join(self.output_dir, "final_metrics.json")   # its presence means "finished": atomic
+            with open(path + ".tmp", "w") as f:
                 json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                            for k, v in metrics.items()}, f, indent=1)
+            os.replace(path + ".tmp", path)
         acc.wait_for_everyone()
         stop_guard()                 # every rank is done: a rank that exits first is no failure
         self.logbook.close()
