@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import gradscore
@@ -157,18 +156,20 @@ def objective_from_config(cfg: Config, sde: SDE, critic=None):
 
 
 def _load_weights(model: nn.Module, ckpt: str, use_ema: bool) -> str:
+    from .checkpoint import read_safetensors
+
     path = os.path.join(ckpt, "score_model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{ckpt!r} has no score_model.safetensors")
     try:
-        model.load_state_dict(load_file(path))
+        model.load_state_dict(read_safetensors(path))
     except RuntimeError as e:          # missing or unexpected keys, size mismatches: not the config's model
         detail, own = " ".join(str(e).split())[:300], os.path.join(ckpt, "config.yaml")
         raise ConfigError(f"{path} does not fit the model the config builds (was it trained with another config or "
                           f"overrides? its own config is {own}): {detail}") from None
     ema_path = os.path.join(ckpt, "ema.safetensors")
     if use_ema and os.path.isfile(ema_path):
-        shadow = load_file(ema_path)
+        shadow = read_safetensors(ema_path)
         with torch.no_grad():
             for k, p in model.named_parameters():
                 p.copy_(shadow[k].to(p.dtype))
@@ -180,15 +181,24 @@ def load_trained(config: Config, checkpoint_dir: str, device=None, use_ema: bool
     """``(sde, score_model, sample_x0)`` from a checkpoint folder (or a run folder: its latest).
 
     ``score_model(x [B, *D], t [B]) -> score`` is in eval mode on ``device``; ``sample_x0(n)``
-    draws ``n`` training examples ``[n, *D]`` (fresh mixture samples for toys)."""
-    from .checkpoint import resolve_checkpoint
+    draws ``n`` training examples ``[n, *D]`` (fresh mixture samples for toys). The checkpoint is
+    verified (``CheckpointError`` naming a damaged file) and its ``config.yaml`` must agree with
+    ``config`` outside ``train``, ``eval`` and ``critic`` (``ConfigError`` listing the keys)."""
+    from .checkpoint import resolve_checkpoint, verify_checkpoint
+    from .config import check_same_experiment, config_to_dict, read_yaml
 
     ckpt = resolve_checkpoint(checkpoint_dir)
+    verify_checkpoint(ckpt)
     spec = check_objective_config(config)
     sde = build_sde(config)
     source = build_source(config.data)
     model = build_score_model(config, sde, source.shape, spec)
     _load_weights(model, ckpt, config.eval.use_ema if use_ema is None else use_ema)
+    saved = os.path.join(ckpt, "config.yaml")
+    if os.path.isfile(saved):       # weights of the same shapes may still belong to another process or objective
+        check_same_experiment(read_yaml(saved, what="checkpoint config"), config_to_dict(config), saved,
+                              ignored=("train.", "eval.", "critic."),
+                              hint="Pass the config the checkpoint was trained with (its config.yaml)")
     model.eval().to(device or "cpu")
     return sde, model, source.sample_x0
 

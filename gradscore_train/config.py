@@ -30,7 +30,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 __all__ = ["ConfigError", "Config", "SDEConfig", "DataConfig", "ModelConfig", "CriticConfig", "ObjectiveConfig",
            "TrainConfig", "EvalConfig", "load_config", "config_from_dict", "config_to_dict", "structured",
-           "read_yaml", "parse_override"]
+           "read_yaml", "parse_override", "config_changes", "check_same_experiment", "check_resume_config",
+           "RESUMABLE_CHANGES"]
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,9 @@ class DataConfig:
     # images are encoded once, cached in latent_cache, and samples decoded (gradscore_train/latents.py)
     autoencoder: str | None = None
     latent_cache: str = "~/.cache/gradscore/latents"
+    # images from datasets: true decodes all into memory (every rank), false reads the memory-mapped Arrow files
+    # batch by batch (data larger than memory), null: in memory up to 1 GiB of pixels
+    in_memory: bool | None = None
 
 
 @dataclass
@@ -140,6 +144,11 @@ class EvalConfig:
     use_ema: bool = True
     diag_times: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])
     diag_samples: int = 512
+    diag_points: int = 65536        # points of each diagnostic estimate (gradscore.diagnostics num_points)
+    # time budget (gradscore_train/budget.py): an evaluation may take max(budget x the training time since the
+    # last one, min_seconds); sizes above are reduced to fit (logged, and in the metrics eval/*). null: exact sizes
+    budget: float | None = 0.25
+    min_seconds: float = 30.0
     quality: bool = True            # sample-quality metrics at the end
     classifier_cache: str = "~/.cache/gradscore/classifiers"
     fid_weights: str | None = None   # path to Inception weights (FID through torchmetrics), optional
@@ -318,6 +327,12 @@ def _check_values(cfg: Config, where: str):
     for key, v in nonneg.items():
         if v < 0:
             raise ConfigError(f"{where}: {key} must be >= 0, got {v}")
+    if cfg.eval.diag_points < 1:
+        raise ConfigError(f"{where}: eval.diag_points must be >= 1, got {cfg.eval.diag_points}")
+    if cfg.eval.budget is not None and not cfg.eval.budget > 0:
+        raise ConfigError(f"{where}: eval.budget must be > 0 or null, got {cfg.eval.budget}")
+    if not cfg.eval.min_seconds >= 0:
+        raise ConfigError(f"{where}: eval.min_seconds must be >= 0, got {cfg.eval.min_seconds}")
     if not t.lr > 0:
         raise ConfigError(f"{where}: train.lr must be > 0, got {t.lr}")
     if not 0 <= t.ema_decay < 1:
@@ -331,7 +346,7 @@ def _check_values(cfg: Config, where: str):
     d = cfg.data
     if d.kind == "imagefolder" and not d.data_dir:
         raise ConfigError(f"{where}: data.data_dir is required for data.kind='imagefolder'")
-    if d.kind == "hf" and not (d.name or d.data_dir):
+    if d.kind == "hf" and not (d.name or d.data_dir):   # data_dir alone: a datasets save_to_disk folder
         raise ConfigError(f"{where}: data.name (a datasets name) is required for data.kind='hf'")
     if d.data_dir and d.kind in ("imagefolder",) and not os.path.isdir(os.path.expanduser(d.data_dir)):
         raise ConfigError(f"{where}: data.data_dir {d.data_dir!r} is not a directory")
@@ -352,6 +367,83 @@ def _check_values(cfg: Config, where: str):
         raise ConfigError(f"{where}: data.autoencoder encodes images; data.kind='toy' has none")
     if d.kind == "toy" and cfg.model.kind == "unet":
         raise ConfigError(f"{where}: model.kind='unet' needs image data; use model.kind='mlp' for data.kind='toy'")
+
+
+# ----------------------------------------------------------------------------- comparing configs
+# keys a resumed run may change (with --allow-config-change; train.max_steps also through --max-steps): they
+# decide how long the run goes and what it writes or evaluates, not the model, the objective, the data or
+# the update rule, so the resumed steps stay those of an uninterrupted run.
+RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                     "eval.")
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.startswith("objective.hparams"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A stored config with the schema's defaults for keys it lacks (written before they existed); as
+    stored if it no longer validates."""
+    try:
+        return config_to_dict(structured(Config, saved, "stored config"))
+    except ConfigError:
+        return saved
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two config mappings (``config_to_dict``), as
+    ``{key: (saved value, current value)}``; ``source`` (where a config was read from) is ignored, and a
+    key either lacks (a config written before the key existed) takes the schema's default.
+    ``objective.hparams`` compares as one value (its defaults are the objective's own)."""
+    a, b = _flatten(_with_defaults(saved)), _flatten(_with_defaults(current))
+    missing = object()
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k != "source" and a.get(k, missing) != b.get(k, missing)}
+
+
+def _listed(changes: dict) -> str:
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
+def check_same_experiment(saved: dict, current: dict, where: str, ignored: Iterable[str] = (), hint: str = "") -> None:
+    """Raise one ``ConfigError`` listing every key (but those starting with one of ``ignored``) in which
+    ``current`` differs from ``saved``, the config stored at ``where``; ``hint`` ends the message."""
+    bad = {k: v for k, v in config_changes(saved, current).items() if not k.startswith(tuple(ignored))}
+    if bad:
+        raise ConfigError(f"the config differs from {where} in {len(bad)} key(s): {_listed(bad)}"
+                          + (f". {hint}" if hint else ""))
+
+
+def check_resume_config(saved: dict, current: dict, where: str, allow_changes: bool = False,
+                        allow_max_steps: bool = False) -> dict[str, tuple[Any, Any]]:
+    """Whether a run whose checkpoint holds the config ``saved`` (at ``where``) may resume with ``current``.
+
+    Keys outside ``RESUMABLE_CHANGES`` (model, objective, data, process, optimizer, seed) may never
+    change; those inside only with ``allow_changes`` (``--allow-config-change``), and ``train.max_steps``
+    also with ``allow_max_steps`` (``--max-steps``). Raises one ``ConfigError`` listing every offending
+    key; returns the allowed changes (to log them)."""
+    changes = config_changes(saved, current)
+    unsafe = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
+    safe = {k: v for k, v in changes.items() if k not in unsafe}
+    held = {} if allow_changes else {k: v for k, v in safe.items() if not (allow_max_steps and k == "train.max_steps")}
+    if unsafe or held:
+        parts = []
+        if unsafe:
+            parts.append(f"{_listed(unsafe)} (these change the model, objective, data or update rule: resume with the "
+                         f"checkpoint's config, or start a new --output-dir)")
+        if held:
+            parts.append(f"{_listed(held)} (safe to change: pass --allow-config-change"
+                         + (", or --max-steps for train.max_steps" if "train.max_steps" in held else "") + ")")
+        raise ConfigError(f"cannot resume: the config differs from {where} in {len(unsafe) + len(held)} key(s): "
+                          + "; and ".join(parts))
+    return safe
 
 
 def load_config(path, overrides: Iterable[str] = ()) -> Config:

@@ -12,6 +12,8 @@ Sources:
   a ``datasets`` image set), drawn without replacement in epochs reshuffled from the seed.
 * ``gradscore_train.latents.LatentSource`` (``data.autoencoder``): those images encoded once by a diffusers
   autoencoder, the latents cached on disk; samples decoded for plots and quality.
+* ``ArrowSource``: a ``datasets`` image set larger than memory, read memory-mapped and decoded per
+  micro-batch, in the same ``BatchPlan`` order (``data.in_memory``).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import torch.nn.functional as F
 
 from gradscore.toy import PRESETS, GaussianMixture
 
-__all__ = ["DataError", "ToySource", "TensorSource", "BatchPlan", "build_source", "toy_mixture", "check_images",
-           "micro_seed"]
+__all__ = ["DataError", "ToySource", "TensorSource", "ArrowSource", "BatchPlan", "build_source", "toy_mixture",
+           "check_images", "micro_seed"]
 
 
 class DataError(ValueError):
@@ -158,6 +160,10 @@ class BatchPlan:
         if global_batch % num_micro:
             raise DataError(f"train.batch_size={global_batch} must be divisible by processes x train.grad_accum "
                             f"= {num_micro}")
+        if source.finite and len(source) < global_batch:
+            raise DataError(f"{getattr(source, 'name', 'the data set')}: {len(source)} examples, fewer than "
+                            f"train.batch_size={global_batch} (a batch would repeat examples); lower "
+                            "train.batch_size or add data (data.max_images)")
         self.source, self.global_batch, self.num_micro, self.seed = source, global_batch, num_micro, seed
         self.micro_batch = global_batch // num_micro
         self._perm_cache: dict[int, torch.Tensor] = {}
@@ -241,28 +247,125 @@ def _pick_columns(ds, cfg, name):
     return image_col, label_col
 
 
-def images_from_dataset(ds, cfg, name: str) -> TensorSource:
-    """Decode a ``datasets.Dataset`` of images into a ``TensorSource`` (resized, ``[-1, 1]``)."""
-    if len(ds) == 0:
-        raise DataError(f"{name}: the data set is empty")
-    image_col, label_col = _pick_columns(ds, cfg, name)
-    n = len(ds) if cfg.max_images is None else min(len(ds), cfg.max_images)
-    mode = {1: "L", 3: "RGB", None: None}[cfg.channels]
-    xs, ys = [], []
-    for i in range(n):
-        ex = ds[i]
-        img = ex[image_col]
-        if mode is None:
-            mode = "L" if getattr(img, "mode", "RGB") in ("L", "1", "I", "I;16", "F") else "RGB"
-        img = img.convert(mode)
+_GREY, _COLOUR = "L", "RGB"
+_GREY_MODES = ("L", "1", "I", "I;16", "F")
+
+
+def _words(mode: str) -> str:
+    return "greyscale (1 channel)" if mode == _GREY else "colour (3 channels)"
+
+
+def _which(ds, column: str, i: int) -> str:
+    """``image i`` and, when the data set knows it, its file (read undecoded; called for messages only)."""
+    from datasets import Image
+
+    try:
+        path = (ds.cast_column(column, Image(decode=False))[i][column] or {}).get("path")
+    except Exception:   # an in-memory or streamed set may not keep paths: the index alone then
+        path = None
+    return f"image {i} ({path})" if path else f"image {i}"
+
+
+class _Decoder:
+    """One image of a ``datasets`` image set as ``uint8 [C, H, W]``: converted to ``data.channels`` (or to
+    image 0's kind), resized to ``data.resolution``; a ``DataError`` naming the image (and its file) for
+    NaN/Inf in a float image, a channel kind or a size unlike image 0's."""
+
+    def __init__(self, ds, cfg, name: str, image_col: str):
+        self.ds, self.cfg, self.name, self.col = ds, cfg, name, image_col
+        self.mode = {1: "L", 3: "RGB", None: None}[cfg.channels]
+        self.shape = None
+        self.shape = self(0, ds[0][image_col]).shape
+
+    def __call__(self, i: int, img) -> np.ndarray:
+        ds, col, name, cfg = self.ds, self.col, self.name, self.cfg
+        if img.mode in ("F", "I", "I;16"):          # float / integer images: convert() would crush NaN to 0
+            raw = np.asarray(img)
+            if not np.isfinite(raw).all():
+                bad = int((~np.isfinite(raw)).sum())
+                raise DataError(f"{name}: {_which(ds, col, i)} holds {bad} NaN or Inf pixels")
+        own = _GREY if img.mode in _GREY_MODES else _COLOUR
+        if cfg.channels is None:
+            if self.mode is None:
+                self.mode = own
+            elif own != self.mode:
+                raise DataError(f"{name}: {_which(ds, col, i)} is {_words(own)} but {_which(ds, col, 0)} "
+                                f"is {_words(self.mode)}; set data.channels (1 or 3) to convert every image")
+        img = img.convert(self.mode)
         if cfg.resolution is not None and img.size != (cfg.resolution, cfg.resolution):
             img = img.resize((cfg.resolution, cfg.resolution), resample=3)   # bicubic
         a = np.asarray(img, dtype=np.uint8)
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-        if xs and a.shape != xs[0].shape:
-            raise DataError(f"{name}: image {i} has shape {a.shape}, image 0 has {xs[0].shape}; "
+        if self.shape is not None and a.shape != self.shape:
+            raise DataError(f"{name}: {_which(ds, col, i)} has shape {a.shape}, image 0 has {self.shape}; "
                             "set data.resolution to resize")
-        xs.append(a)
+        return a
+
+
+class ArrowSource:
+    """A ``datasets`` image set read where it lies (memory-mapped Arrow), decoded batch by batch: only the
+    examples of a micro-batch are in memory, on every rank. ``batch(indices)`` gives ``x0 [B, C, H, W]`` in
+    ``[-1, 1]`` (checked like ``TensorSource``); the order is ``BatchPlan``'s, a function of (seed, step),
+    as for in-memory sets. No ``labels`` (the classifier of the quality metrics would need every image)."""
+
+    finite = True
+    labels = None
+
+    def __init__(self, ds, cfg, name: str, image_col: str):
+        self.ds, self.name, self.random_flip = ds, name, cfg.random_flip
+        self.decode = _Decoder(ds, cfg, name, image_col)
+        self.shape = tuple(self.decode.shape)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def _images(self, indices) -> torch.Tensor:
+        idx = [int(i) for i in indices]
+        column = self.ds[idx][self.decode.col]
+        x = torch.from_numpy(np.stack([self.decode(i, img) for i, img in zip(idx, column)])).float() / 127.5 - 1.0
+        return check_images(x, self.name)
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = self._images(indices)
+        if self.random_flip:
+            flip = torch.rand(x.shape[0], generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+    def sample_x0(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if n <= len(self):
+            idx = torch.randperm(len(self), generator=generator)[:n]
+        else:
+            idx = torch.randint(len(self), (n,), generator=generator)
+        return self._images(idx)
+
+    def key(self) -> str:
+        return f"{self.name}-{len(self)}x{'x'.join(map(str, self.shape))}"
+
+
+IN_MEMORY_BYTES = 1 << 30     # data.in_memory=null: decode into memory up to 1 GiB of float32 pixels
+
+
+def images_from_dataset(ds, cfg, name: str):
+    """A ``datasets.Dataset`` of images as a ``TensorSource`` (decoded into memory: resized, ``[-1, 1]``)
+    or, with ``data.in_memory=false`` (or ``null`` and more than ``IN_MEMORY_BYTES`` of pixels), an
+    ``ArrowSource`` reading the memory-mapped set batch by batch."""
+    if len(ds) == 0:
+        raise DataError(f"{name}: the data set is empty")
+    image_col, label_col = _pick_columns(ds, cfg, name)
+    n = len(ds) if cfg.max_images is None else min(len(ds), cfg.max_images)
+    if n < len(ds):
+        ds = ds.select(range(n))
+    decode = _Decoder(ds, cfg, name, image_col)
+    in_memory = cfg.in_memory
+    if in_memory is None:
+        in_memory = n * int(np.prod(decode.shape)) * 4 <= IN_MEMORY_BYTES
+    if not in_memory:
+        return ArrowSource(ds, cfg, name, image_col)
+    xs, ys = [], []
+    for i in range(n):
+        ex = ds[i]
+        xs.append(decode(i, ex[image_col]))
         if label_col is not None:
             ys.append(int(ex[label_col]))
     x = torch.from_numpy(np.stack(xs)).float() / 127.5 - 1.0
@@ -270,8 +373,10 @@ def images_from_dataset(ds, cfg, name: str) -> TensorSource:
     return TensorSource(x, y, name=name, random_flip=cfg.random_flip)
 
 
-def load_image_source(cfg) -> TensorSource:
-    """An imagefolder (``load_dataset("imagefolder", data_dir=...)``) or a locally cached ``datasets`` set."""
+def load_image_source(cfg):
+    """An imagefolder (``load_dataset("imagefolder", data_dir=...)``), a ``datasets`` folder written by
+    ``save_to_disk`` (``data.kind=hf`` with ``data.data_dir`` and no ``data.name``) or a locally cached
+    ``datasets`` set; in memory or memory-mapped (``images_from_dataset``)."""
     from datasets import load_dataset
 
     if cfg.kind == "imagefolder":
@@ -284,6 +389,20 @@ def load_image_source(cfg) -> TensorSource:
         except Exception as e:  # datasets raises several types for empty/unreadable folders
             raise DataError(f"data.data_dir {root!r}: could not load an imagefolder split {cfg.split!r} "
                             f"({type(e).__name__}: {e})") from e
+    elif cfg.name is None and os.path.isdir(os.path.expanduser(cfg.data_dir)):   # a save_to_disk folder
+        from datasets import DatasetDict, load_from_disk
+
+        root = os.path.expanduser(cfg.data_dir)
+        name = os.path.basename(os.path.normpath(root)) or "dataset"
+        try:
+            ds = load_from_disk(root)           # memory-mapped Arrow files
+        except Exception as e:
+            raise DataError(f"data.data_dir {root!r}: not a folder written by datasets' save_to_disk "
+                            f"({type(e).__name__}: {e})") from e
+        if isinstance(ds, DatasetDict):
+            if cfg.split not in ds:
+                raise DataError(f"data.data_dir {root!r} has splits {list(ds)}, not data.split={cfg.split!r}")
+            ds = ds[cfg.split]
     else:
         name = cfg.name.replace("/", "_")
         try:

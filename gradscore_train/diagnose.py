@@ -19,6 +19,7 @@ import torch
 from gradscore.diagnostics import default_times, diagnose
 
 from .build import load_trained, unconditional
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import build_source, toy_mixture
 
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         else:
             sde, model, sample_x0 = load_trained(cfg, args.checkpoint)
             model = unconditional(cfg, model)      # a class-conditional model: its null-label (marginal) score
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         ap.exit(2, f"diagnose: {e}\n")
     torch.manual_seed(args.seed)
     x0 = sample_x0(args.num_data).float()

@@ -13,7 +13,7 @@ from einops import rearrange
 from gradscore.sampling import sample
 
 __all__ = ["draw_samples", "save_scatter", "image_grid", "save_grid", "score_diagnostics", "quality", "to_pixels",
-           "likelihood", "likelihood_levels"]
+           "likelihood", "likelihood_levels", "range_check"]
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,13 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
     plt.imsave(path, img.numpy(), cmap="gray" if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 
 
-def score_diagnostics(score_model, sde, x0: torch.Tensor, times, true_score=None, generator=None) -> dict:
+def score_diagnostics(score_model, sde, x0: torch.Tensor, times, true_score=None, generator=None,
+                      num_points: int = 2**16) -> dict:
     """Gradient, solenoidal and (toys, with the exact score) L2 errors at each ``t`` in ``times`` with
     ``gradscore.diagnostics``, as metrics ``diag/<name>/t=<t>`` and ``diag/<name>_stderr/t=<t>``. A
     diagnostic that fails is logged and skipped: it must not kill a training run."""
     from gradscore import diagnostics as D
-    size = {"num_points": 2**16, "generator": generator}   # fixed and moderate: these run periodically in training
+    size = {"num_points": num_points, "generator": generator}   # moderate: these run periodically in training
     calls = {"gradient_error": lambda t: D.gradient_error(score_model, sde, x0, t, **size),
              "solenoidal_error": lambda t: D.solenoidal_error(score_model, sde, x0, t, **size)}
     if true_score is not None:
@@ -166,3 +167,24 @@ def likelihood(score_model, sde, source, eval_cfg, seed: int, device="cpu") -> d
     except (ValueError, FloatingPointError, RuntimeError) as e:
         log.warning("likelihood skipped: %s: %s", type(e).__name__, e)
         return {}
+
+
+def range_check(samples: torch.Tensor, data: torch.Tensor, name: str = "samples") -> dict:
+    """How far ``samples: [N, *D]`` stray outside the range ``[lo, hi]`` of ``data: [M, *D]``: metrics
+    ``eval/outside_range`` (the fraction of samples with a coordinate outside ``[lo - w, hi + w]``,
+    ``w = hi - lo``: the data's range widened by its own width on each side), ``eval/max_abs`` (the
+    largest finite ``|x|``) and ``eval/nonfinite`` (the fraction holding NaN/Inf). Logs a warning
+    naming the numbers when any sample is outside or non-finite."""
+    lo, hi = float(data.min()), float(data.max())
+    w = hi - lo
+    flat = samples.reshape(samples.shape[0], -1).float()
+    finite = torch.isfinite(flat).all(1)
+    outside = ((flat < lo - w) | (flat > hi + w)).any(1) & finite
+    max_abs = float(flat[finite].abs().max()) if finite.any() else float("nan")
+    out = {"eval/outside_range": float(outside.float().mean()), "eval/max_abs": max_abs,
+           "eval/nonfinite": float((~finite).float().mean())}
+    if outside.any() or not finite.all():
+        log.warning("%s far outside the data's range: %d of %d beyond [%.3g, %.3g] (data in [%.3g, %.3g]), "
+                    "max |x| = %.3g, %d non-finite", name, int(outside.sum()), flat.shape[0], lo - w, hi + w, lo, hi,
+                    max_abs, int((~finite).sum()))
+    return out

@@ -33,6 +33,7 @@ import yaml
 from gradscore.objectives import Phase
 
 from . import evaluation
+from .budget import EvalBudget, fit_points, fit_samples
 from .build import (
     build_critic,
     build_score_model,
@@ -42,13 +43,21 @@ from .build import (
     objective_from_config,
     unconditional,
 )
-from .checkpoint import latest_checkpoint, read_step, resolve_checkpoint, save_checkpoint
-from .config import Config, config_to_dict
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_dirs,
+    latest_intact_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import Config, ConfigError, check_resume_config, config_to_dict, read_yaml
 from .data import BatchPlan, build_source, micro_seed
 from .ema import EMA
 from .logbook import Logbook
+from .ranks import check_world_size, report_failure, set_step, start_guard, stop_guard
 
-__all__ = ["run", "Trainer", "NonFiniteLoss", "resolve_mixed_precision", "make_optimizer"]
+__all__ = ["run", "Trainer", "NonFiniteLoss", "check_writable", "resolve_mixed_precision", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +78,11 @@ def _make_accelerator(cfg: Config):
     # cpu=True without CUDA: under `accelerate launch --multi_gpu` on CPU this is what makes the
     # processes join one gloo group instead of each believing it is rank 0 of 1
     # (docs/engineering.md, "accelerate on CPU").
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                       gradient_accumulation_steps=cfg.train.grad_accum)
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+                      gradient_accumulation_steps=cfg.train.grad_accum)
+    check_world_size(acc.num_processes)
+    return acc
 
 
 def make_optimizer(groups, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -106,11 +117,14 @@ class Trainer:
     Attributes after construction: ``acc`` (the Accelerator), ``model`` and ``critic`` (prepared),
     ``objective``, ``phases`` (its recipe, on the prepared critic), ``ema``, ``source``, ``sde``,
     ``start_step``."""
-    def __init__(self, cfg: Config, output_dir: str, resume, progress: bool):
+    def __init__(self, cfg: Config, output_dir: str, resume, progress: bool, allow_config_change: bool = False,
+                 allow_max_steps: bool = False):
         self.cfg, self.output_dir, self.progress = cfg, output_dir, progress
         self.spec = check_objective_config(cfg)
         self.acc = acc = _make_accelerator(cfg)
         self.main = acc.is_main_process
+        start_guard(acc.num_processes, acc.process_index)      # a failing rank stops the others (ranks.py)
+        check_writable(output_dir, acc.process_index)
         self.source = build_source(cfg.data)
         check_labels(cfg, self.source)
         self.plan = BatchPlan(self.source, cfg.train.batch_size, acc.num_processes * cfg.train.grad_accum,
@@ -136,6 +150,7 @@ class Trainer:
             self.model, self.opt = acc.prepare(model, opt)
             self.critic = None
         self.phases = self.objective.phases()
+        self._check_outputs(acc.unwrap_model(self.model), acc.unwrap_model(self.critic) if critic is not None else None)
         from accelerate.utils import DistributedType
 
         # one process or plain DDP, no loss scaler: accelerate's backward, clipping and optimizer
@@ -149,19 +164,52 @@ class Trainer:
         self._zero_norm = torch.zeros((), device=acc.device)       # the norm of no gradients
         self._data_gen = torch.Generator()                      # reseeded for every micro-batch
         self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
-        acc.register_for_checkpointing(self.ema)
         self.logbook = Logbook(output_dir, enabled=self.main)
         self.start_step = 0
         self.last_checkpoint = None
         if resume:
-            ckpt = latest_checkpoint(output_dir) if resume == "latest" else resolve_checkpoint(resume)
-            if ckpt is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(output_dir, 'checkpoints')}")
-            acc.load_state(ckpt)
-            self.start_step = read_step(ckpt)
+            ckpt = self._resume_from(resume, allow_config_change, allow_max_steps)
+            self.start_step = load_checkpoint(acc, ckpt, [self.model] + ([self.critic] if self.critic else []),
+                                              self.opt, self.ema)
             self.last_checkpoint = ckpt
             if self.main:
                 log.info("resumed from %s at step %d", ckpt, self.start_step)
+
+    def _resume_from(self, resume: str, allow_config_change: bool, allow_max_steps: bool) -> str:
+        """The checkpoint to resume from (``"latest"``: the newest intact one of the output dir), after
+        checking that the run's config may continue it (``check_resume_config``)."""
+        if resume == "latest":
+            ckpt = latest_intact_checkpoint(self.output_dir)
+            if ckpt is None:
+                found = checkpoint_dirs(self.output_dir)
+                where = os.path.join(self.output_dir, "checkpoints")
+                raise CheckpointError(f"--resume: no intact checkpoint under {where}"
+                                      + (f" ({len(found)} damaged: {', '.join(found)})" if found else ""))
+        else:
+            ckpt = resolve_checkpoint(resume)
+        saved = os.path.join(ckpt, "config.yaml")
+        changes = check_resume_config(read_yaml(saved, what="checkpoint config"), config_to_dict(self.cfg), saved,
+                                      allow_config_change, allow_max_steps)
+        if changes and self.main:
+            log.info("resuming with changed keys: %s",
+                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        return ckpt
+
+    def _check_outputs(self, model, critic) -> None:
+        """One forward pass of the score model and the critic on two training examples before any step,
+        so a model that returns the wrong shape fails here (a ``ConfigError`` naming it) and not later
+        in a run. Uses its own generator: the run's random draws are unchanged."""
+        x = self.source.sample_x0(2, generator=torch.Generator().manual_seed(0)).to(self.acc.device)
+        t = torch.full((2,), 0.5, device=self.acc.device)
+        where = self.cfg.source or "config"
+        try:
+            score = model(x, t)
+            if score.shape != x.shape:
+                raise ValueError(f"the score model must return [B, *D] = {list(x.shape)}, got {list(score.shape)}")
+            if critic is not None:
+                critic.potential(x, t)      # the library checks the critic's [B] output (scalar_per_sample)
+        except ValueError as e:
+            raise ConfigError(f"{where}: the models fail a check before training: {e}") from None
 
     # ------------------------------------------------------------------------- one phase
     def _phase(self, step: int, key: int, phase: Phase, unwrapped):
@@ -275,27 +323,51 @@ class Trainer:
             self.ema.copy_to(m)
         return m.to(self.acc.device).eval()
 
-    def evaluate(self, step: int, samples: bool, diagnostics: bool, final: bool = False) -> dict:
-        """Main process only: plots, diagnostics, (final) quality. Returns the metrics it logged."""
-        cfg, out = self.cfg, {}
+    def evaluate(self, step: int, samples: bool, diagnostics: bool, final: bool = False,
+                 train_seconds: float | None = None) -> dict:
+        """Main process only: samples (plot, range check), final quality, diagnostics, with a progress bar
+        naming each stage. After ``train_seconds`` of training the sizes are fitted to the time budget
+        ``max(eval.budget * train_seconds, eval.min_seconds)`` (gradscore_train/budget.py; the sizes used
+        are logged and in the metrics ``eval/*``). Returns the metrics it logged."""
+        from tqdm.auto import tqdm
+
+        cfg, ev, out = self.cfg, self.cfg.eval, {}
+        budget = EvalBudget(None) if train_seconds is None else EvalBudget.after_training(train_seconds, ev.budget,
+                                                                                         ev.min_seconds)
+        quality = samples and final and ev.quality
+        bar = tqdm(total=int(samples) + int(quality) + int(diagnostics), desc=f"eval step {step}", leave=False,
+                   disable=not self.progress, dynamic_ncols=True)
         model = self._eval_model()
         if samples:
-            n = cfg.eval.num_samples if final else min(cfg.eval.num_samples, 1000)
+            n, steps = (ev.num_samples if final else min(ev.num_samples, 1000)), ev.sample_steps
+            if budget.limited and n * steps > 64 * 20:     # not when the floors of fit_samples are the sizes
+                share = budget.remaining() * (0.5 if diagnostics else 1.0)
+                fitted = fit_samples(n, steps, self._sampling_cost(model, min(n, 64)), share)
+                if fitted != (n, steps):
+                    log.info("evaluation at step %d (budget %.0f s): %d samples x %d steps instead of %d x %d",
+                             step, budget.seconds, *fitted, n, steps)
+                n, steps = fitted
+            bar.set_description(f"eval step {step}: sampling {n} x {steps} {ev.method} steps")
             labels = torch.arange(n) % cfg.model.num_classes if cfg.model.num_classes else None
-            x = evaluation.draw_samples(model, self.sde, self.source.shape, n, cfg.eval.method, cfg.eval.sample_steps,
+            x = evaluation.draw_samples(model, self.sde, self.source.shape, n, ev.method, steps,
                                         micro_seed(cfg.train.seed, step, 99), self.acc.device, labels=labels,
                                         null_label=cfg.model.num_classes, guidance_scale=cfg.eval.guidance_scale)
             os.makedirs(os.path.join(self.output_dir, "samples"), exist_ok=True)
             path = os.path.join(self.output_dir, "samples", f"step-{step:07d}.png")
+            data = self.source.sample_x0(min(n, 1000), generator=torch.Generator().manual_seed(1))
             if len(self.source.shape) == 1:
-                data = self.source.sample_x0(n, generator=torch.Generator().manual_seed(1))
                 evaluation.save_scatter(x, data, path, title=f"{cfg.objective.name}, step {step}")
             else:
                 evaluation.save_grid(evaluation.to_pixels(self.source, x), path)
             self.logbook.image(step, "samples", path)
-            if final and cfg.eval.quality:
-                out.update(evaluation.quality(self.source, x, cfg.eval, micro_seed(cfg.train.seed, step, 98),
+            out.update({"eval/num_samples": n, "eval/sample_steps": steps, **evaluation.range_check(
+                x, data, name=f"samples at step {step}")})
+            bar.update()
+            if quality:
+                bar.set_description(f"eval step {step}: sample quality")
+                out.update(evaluation.quality(self.source, x, ev, micro_seed(cfg.train.seed, step, 98),
                                               self.acc.device))
+                bar.update()
             if final:
                 torch.save(x, os.path.join(self.output_dir, "samples", f"step-{step:07d}.pt"))
         if final and cfg.eval.likelihood:
@@ -303,15 +375,43 @@ class Trainer:
                                              micro_seed(cfg.train.seed, step, 95), self.acc.device))
         if diagnostics:
             g = torch.Generator().manual_seed(micro_seed(cfg.train.seed, step, 97))
-            x0 = self.source.sample_x0(cfg.eval.diag_samples, generator=g).to(self.acc.device)
+            x0 = self.source.sample_x0(ev.diag_samples, generator=g).to(self.acc.device)
             true = self.source.mixture.score_fn(self.sde) if hasattr(self.source, "mixture") else None
+            points = ev.diag_points
+            if budget.limited and points > 512:            # a pilot's fixed cost would exceed the savings
+                calls = len(ev.diag_times) * (3 if true is not None else 2)
+                fitted = fit_points(points, calls, self._diagnostic_cost(model, x0, min(points, 128)),
+                                    budget.remaining())
+                if fitted != points:
+                    log.info("evaluation at step %d (budget %.0f s): diagnostics on %d points instead of %d",
+                             step, budget.seconds, fitted, points)
+                points = fitted
+            bar.set_description(f"eval step {step}: diagnostics at {len(ev.diag_times)} times x {points} points")
             g_dev = torch.Generator(device=self.acc.device).manual_seed(micro_seed(cfg.train.seed, step, 96))
-            out.update(evaluation.score_diagnostics(unconditional(cfg, model), self.sde, x0, cfg.eval.diag_times,
-                                                    true_score=true,
-                                                    generator=g_dev))
-        if out:
-            self.logbook.log(step, out)
+            out.update(evaluation.score_diagnostics(unconditional(cfg, model), self.sde, x0, ev.diag_times,
+                                                    true_score=true, generator=g_dev, num_points=points))
+            out["eval/diag_points"] = points
+            bar.update()
+        bar.close()
+        out["eval/seconds"] = budget.elapsed()
+        if budget.limited:
+            out["eval/budget_seconds"] = budget.seconds
+        self.logbook.log(step, out)
         return out
+
+    def _sampling_cost(self, model, n: int) -> float:
+        """Seconds per sample per sampler step, timed on ``n`` samples x 2 steps (its own generator)."""
+        t0 = time.perf_counter()
+        evaluation.draw_samples(model, self.sde, self.source.shape, n, self.cfg.eval.method, 2, 0, self.acc.device)
+        return (time.perf_counter() - t0) / (2 * n)
+
+    def _diagnostic_cost(self, model, x0, points: int) -> float:
+        """Seconds per point of one diagnostic call, timed on ``points`` points (its own generator)."""
+        g = torch.Generator(device=self.acc.device).manual_seed(0)
+        t0 = time.perf_counter()
+        evaluation.score_diagnostics(model, self.sde, x0, self.cfg.eval.diag_times[:1], generator=g,
+                                     num_points=points)
+        return (time.perf_counter() - t0) / (2 * points)     # gradient and solenoidal error: two calls
 
     # ------------------------------------------------------------------------- main loop
     def train(self) -> dict:
@@ -333,7 +433,9 @@ class Trainer:
         unwrapped = acc.unwrap_model(self.model)
         last_saved = self.start_step if self.last_checkpoint else None
         t_loop = time.perf_counter()
+        t_mark, eval_seconds = t_loop, 0.0     # training time since the last evaluation; time spent evaluating
         for step in range(self.start_step, cfg.train.max_steps):
+            set_step(step + 1)
             scale = _lr_scale(step, cfg.train.warmup_steps)
             for group, base in zip(self.opt.param_groups, self.base_lrs):
                 group["lr"] = base * scale
@@ -361,44 +463,84 @@ class Trainer:
             want_s = ev.sample_every and done % ev.sample_every == 0 and done < cfg.train.max_steps
             want_d = ev.diagnose_every and done % ev.diagnose_every == 0 and done < cfg.train.max_steps
             if (want_s or want_d) and self.main:
-                self.evaluate(done, bool(want_s), bool(want_d))
+                t_eval = time.perf_counter()
+                self.evaluate(done, bool(want_s), bool(want_d), train_seconds=t_eval - t_mark)
+                t_mark = time.perf_counter()
+                eval_seconds += t_mark - t_eval
         bar.close()
         final_step = cfg.train.max_steps
         if last_saved != final_step:
             self.last_checkpoint = save_checkpoint(acc, self.output_dir, final_step, self.model, self.ema, config_dict,
                                                    cfg.train.keep_checkpoints)
         metrics = {"step": final_step}
+        t_end = time.perf_counter()
         if final_step > self.start_step:   # wall time of the optimizer steps of this segment (checkpoints included)
-            metrics["train/seconds_per_step"] = (time.perf_counter() - t_loop) / (final_step - self.start_step)
+            metrics["train/seconds_per_step"] = (t_end - t_loop - eval_seconds) / (final_step - self.start_step)
         metrics["train/loss"] = float(acc.reduce(loss.reshape(1).to(acc.device), "mean"))
         if self.main:
-            metrics.update(self.evaluate(final_step, samples=True, diagnostics=True, final=True))
-            with open(os.path.join(self.output_dir, "final_metrics.json"), "w") as f:
+            metrics.update(self.evaluate(final_step, samples=True, diagnostics=True, final=True,
+                                         train_seconds=t_end - t_loop - eval_seconds))
+            path = os.path.join(self.output_dir, "final_metrics.json")   # its presence means "finished": atomic
+            with open(path + ".tmp", "w") as f:
                 json.dump({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                            for k, v in metrics.items()}, f, indent=1)
+            os.replace(path + ".tmp", path)
         acc.wait_for_everyone()
+        stop_guard()                 # every rank is done: a rank that exits first is no failure
         self.logbook.close()
         return metrics
 
 
+def check_writable(output_dir: str, rank: int = 0) -> None:
+    """Create ``output_dir`` and write and remove a file in it; a ``CheckpointError`` naming the folder
+    if that fails (before any compute, so a run cannot lose its work to an unwritable folder)."""
+    probe = os.path.join(output_dir, f".write-test-{rank}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"output directory {output_dir!r} cannot be written: {e}") from None
+
+
 def run(config: Config, output_dir: str, resume: str | None = None, max_steps: int | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, allow_config_change: bool = False) -> dict:
     """Train ``config`` into ``output_dir`` and return the final metrics (main process; other ranks
     return the loss and step only).
 
     Args:
         config: a validated ``Config`` (``gradscore_train.config.load_config``).
         output_dir: where checkpoints, ``metrics.jsonl``, ``tensorboard/``, ``samples/`` go.
-        resume: ``"latest"`` (the newest checkpoint in ``output_dir``) or a checkpoint folder.
-        max_steps: overrides ``train.max_steps`` (the total, counting resumed steps).
+        resume: ``"latest"`` (the newest intact checkpoint in ``output_dir``), ``"auto"`` (the same when
+            ``output_dir`` has checkpoints, else a fresh start) or a checkpoint folder.
+        max_steps: overrides ``train.max_steps`` (the total, counting resumed steps); a resumed run may
+            change it.
+        allow_config_change: a resumed run may change the keys of ``config.RESUMABLE_CHANGES``
+            (length, checkpointing, logging, evaluation); others never (``check_resume_config``).
+    In a multi-process run, an error on one rank is reported to the others, which stop
+    (``gradscore_train.ranks``).
+
     Raises:
+        ConfigError: the config may not resume the checkpoint (every differing key listed).
+        CheckpointError: no intact checkpoint to resume, or one could not be written.
         NonFiniteLoss: a loss or gradient became NaN/Inf (message names the step and the term).
     """
+    if resume == "auto":             # requeued jobs: resume when the run has checkpoints, else start
+        resume = "latest" if checkpoint_dirs(output_dir) else None
     if max_steps is not None:
         config = copy.deepcopy(config)
         config.train.max_steps = int(max_steps)
-    r = Trainer(config, output_dir, resume, progress)
     try:
-        return r.train()
+        r = Trainer(config, output_dir, resume, progress, allow_config_change, allow_max_steps=max_steps is not None)
+        try:
+            return r.train()
+        finally:
+            r.logbook.close()
+    except NonFiniteLoss:        # every rank raises it at the same step (the guard's check is collective)
+        raise
+    except BaseException as e:   # this rank alone may fail: the others must not wait for it (ranks.py)
+        report_failure(e)
+        raise
     finally:
-        r.logbook.close()
+        stop_guard()

@@ -6,6 +6,7 @@
 
 Options: ``--output-dir`` (default ``runs/<config folder>-<config name>``), ``--max-steps``,
 ``--resume`` (the latest checkpoint of the output dir, or a given checkpoint folder),
+``--allow-config-change`` (a resumed run may change the keys of ``config.RESUMABLE_CHANGES``),
 ``--no-progress``. Everything else lives in the config (gradscore_train/config.py).
 
 A process of a multi-process run ends through ``exit_without_finalization`` (see there why).
@@ -16,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import NoReturn
 
 from .config import ConfigError, load_config
@@ -28,7 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<config folder>-<config name>)")
     p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides train.max_steps)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder")
+                   help="continue from the newest intact checkpoint in --output-dir, or from the given checkpoint "
+                        "folder; --resume auto: the same, or a fresh start when --output-dir has no checkpoints")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="--resume with changed length, checkpoint, logging or eval keys (never model, objective, data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -52,13 +57,23 @@ def exit_without_finalization(code: int) -> NoReturn:
 
 
 def main(argv=None) -> int:
-    """The command line; returns the exit code (0, 2 for a config or data error, 3 for a non-finite loss).
+    """The command line; returns the exit code (0, 2 for a config, data or checkpoint error, 3 for a non-finite loss).
     In a multi-process run the process ends here instead (``exit_without_finalization``)."""
-    code = _main(argv)
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+    try:
+        code = _main(argv)
+    except BaseException:
+        if _distributed():     # the error was reported to the other ranks (ranks.py); end now, without hanging
+            traceback.print_exc()
+            exit_without_finalization(1)
+        raise
+    if _distributed():
         exit_without_finalization(code)
     return code
+
+
+def _distributed() -> bool:
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
 
 
 def _main(argv=None) -> int:
@@ -75,11 +90,13 @@ def _main(argv=None) -> int:
         return 2
     family = os.path.basename(os.path.dirname(os.path.abspath(args.config)))
     out = args.output_dir or os.path.join("runs", f"{family}-{os.path.splitext(os.path.basename(args.config))[0]}")
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .loop import NonFiniteLoss, run
     try:
-        metrics = run(cfg, out, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
-    except (ConfigError, DataError) as e:
+        metrics = run(cfg, out, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress,
+                      allow_config_change=args.allow_config_change)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -111,7 +111,7 @@ def plot_samples(runs, mixture, path: str):
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.7), squeeze=False)
     lim = float(data.abs().max()) * 1.35
     for ax, (label, r) in zip(axes[0], firsts.items()):
-        x = torch.load(r["samples_path"])
+        x = torch.load(r["samples_path"], weights_only=True)
         ok = torch.isfinite(x).all(1)
         ax.scatter(data[:, 0], data[:, 1], s=1, c="lightgray")
         ax.scatter(x[ok, 0], x[ok, 1], s=1, c="tab:blue", alpha=0.6)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..checkpoint import latest_checkpoint, read_step
+from ..checkpoint import latest_intact_checkpoint, read_step
 from .config import Ablation, RunSpec
 
 __all__ = ["train_one", "train_all", "launch_command", "final_metrics_path"]
@@ -50,7 +50,7 @@ def train_one(spec: RunSpec, progress: bool = False) -> str:
 
     if os.path.isfile(final_metrics_path(spec)):
         return "skipped"
-    ckpt = latest_checkpoint(spec.run_dir)
+    ckpt = latest_intact_checkpoint(spec.run_dir)
     start = read_step(ckpt) if ckpt else 0
     t0 = time.perf_counter()
     status = "resumed" if ckpt else "trained"
