@@ -129,7 +129,7 @@ class EvalConfig:
     sample_steps: int = 200
     method: Literal["sde", "ode"] = "sde"
     use_ema: bool = True
-    diag_times: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])
+    diag_times: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])   # []: no score diagnostics
     diag_samples: int = 512
     quality: bool = True            # sample-quality metrics at the end
     classifier_cache: str = "~/.cache/gradscore/classifiers"
