@@ -142,7 +142,7 @@ class EvalConfig:
     sample_steps: int = 200
     method: Literal["sde", "ode"] = "sde"
     use_ema: bool = True
-    diag_times: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])
+    diag_times: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])   # []: no score diagnostics
     diag_samples: int = 512
     diag_points: int = 65536        # points of each diagnostic estimate (gradscore.diagnostics num_points)
     # time budget (gradscore_train/budget.py): an evaluation may take max(budget x the training time since the

@@ -1,4 +1,4 @@
-"""Exact weighted Helmholtz-Hodge decomposition of a 2-D score error on a grid (THEORY sections 2 and 8).
+"""Exact weighted Helmholtz-Hodge decomposition of a 2-D score error on a grid (docs/theory.md §2 and §8).
 
 Finite volumes on an ``n x n`` cell-centred grid over a box: for every cell ``C``,
 ``sum_faces p_f (phi_nb - phi_C) = h sum_faces p_f (e . nu)_f`` (the discrete ``div(p grad phi) =

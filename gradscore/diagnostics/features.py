@@ -1,4 +1,4 @@
-"""Scalar feature dictionaries for closed-form gradient projections (THEORY section 6.2).
+"""Scalar feature dictionaries for closed-form gradient projections (docs/theory.md §6).
 
 A potential ``psi = sum_k a_k phi_k`` has gradient ``Phi(x) a`` with ``Phi(x) = [grad phi_1, ...]``
 (``[B, d, K]``) and Laplacian ``lap(x) . a`` (``[B, K]``), both analytic here, so the Stein form of
@@ -6,7 +6,7 @@ the linear term needs no Hutchinson estimate. Inputs are standardised, ``z = (x 
 
 Families:
 * ``poly``: ``z_i`` and ``z_i z_j`` (``i <= j``): every affine gradient field ``S x + c`` with ``S``
-  symmetric, so the linear-Gaussian oracle (THEORY 8) is represented exactly;
+  symmetric, so the linear-Gaussian oracle (docs/theory.md §8) is represented exactly;
 * ``rff``: random Fourier features ``cos(w_k . z + b_k)``, ``w_k ~ N(0, I / l^2)`` over several
   bandwidths ``l`` (multi-scale, so no bandwidth needs tuning).
 """
@@ -16,7 +16,9 @@ import math
 
 import torch
 
-__all__ = ["GradientFeatures"]
+__all__ = ["GradientFeatures", "MAX_FEATURE_DIM"]
+
+MAX_FEATURE_DIM = 32   # the quadratic monomials (every linear gradient field) cost K = d (d + 3) / 2 features
 
 
 class GradientFeatures:
@@ -52,19 +54,19 @@ class GradientFeatures:
         self.num_features = (d if poly else 0) + self._iu.shape[1] + (0 if self.W is None else self.W.shape[0])
 
     @classmethod
-    def default(cls, x: torch.Tensor, seed: int = 0) -> "GradientFeatures":
+    def default(cls, x: torch.Tensor, seed: int = 0) -> GradientFeatures:
         """Defaults from points ``x: [N, d]`` of the density: monomials of degree 1 and 2 plus 512 multi-scale
-        Fourier features for ``d <= 8``; degree 1 and 2 for ``8 < d <= 32``; degree 1 plus 256 Fourier
-        features for ``32 < d <= 64`` (beyond: use a critic; the cost is ``N d K^2``)."""
+        Fourier features for ``d <= 8``; degree 1 and 2 for ``8 < d <= 32``. Above ``MAX_FEATURE_DIM`` a
+        dictionary holding every linear gradient field costs ``N d K^2`` with ``K ~ d^2 / 2``: use the neural
+        method (``neural.py``), which projects onto affine gradients in closed form."""
         x = x.reshape(x.shape[0], -1).to(torch.float64)
         d = x.shape[1]
-        if d > 64:
-            raise ValueError(f"closed-form features are meant for d <= 64, got d={d}; use method='critic'")
+        if d > MAX_FEATURE_DIM:
+            raise ValueError(f"closed-form features hold every linear gradient field only for d <= {MAX_FEATURE_DIM}, "
+                             f"got d={d}; use method='neural'")
         if d <= 8:
             return cls(x.mean(0), x.std(0), poly=True, num_rff=512, seed=seed)
-        if d <= 32:
-            return cls(x.mean(0), x.std(0), poly=True, num_rff=0, seed=seed)
-        return cls(x.mean(0), x.std(0), poly="linear", num_rff=256, bandwidths=(1.0, 2.0, 4.0), seed=seed)
+        return cls(x.mean(0), x.std(0), poly=True, num_rff=0, seed=seed)
 
     def __call__(self, x: torch.Tensor):
         """``x: [B, d]`` -> ``(Phi [B, d, K], lap [B, K])`` in float64 (gradients and Laplacians in ``x``)."""

@@ -1,4 +1,4 @@
-"""KL bounds for the reverse SDE (THEORY section 4).
+"""KL bounds for the reverse SDE (docs/theory.md §4).
 
 ``KL(p_0 || q_0) <= KL(p_T || q_T) + 1/2 int_0^T g(t)^2 ||Pi_G e_t||^2 dt``   (gradient bound)
 ``KL(p_0 || q_0) <= KL(p_T || q_T) + 1/2 int_0^T g(t)^2 ||e_t||^2 dt``        (Girsanov bound)
@@ -20,9 +20,8 @@ import math
 import torch
 
 from ..sde import SDE
-from .errors import l2_error
+from .errors import decompose, l2_error
 from .estimate import Estimate
-from .projection import feature_decomposition
 
 __all__ = ["kl_bounds", "default_times", "prior_kl", "trapezoid_weights"]
 
@@ -63,34 +62,39 @@ def prior_kl(sde: SDE, x0: torch.Tensor, log_prob_T=None, generator: torch.Gener
 
 
 def kl_bounds(score_fn, sde: SDE, x0: torch.Tensor, times=None, *, true_score=None, log_prob_T=None,
-              num_points: int = 2**14, generator: torch.Generator | None = None, **kw) -> dict:
+              method: str | None = None, num_points: int | None = None, generator: torch.Generator | None = None,
+              options: dict | None = None, **cond) -> dict:
     """Gradient-only and Girsanov upper bounds on ``KL(p_0 || q_0)`` of the reverse SDE driven by ``score_fn``.
 
     Args:
         times: increasing grid (default ``default_times(sde)``).
-        true_score: ``(x, t) -> [B, *D]``; when given, the L2 integrand is exact Monte Carlo.
+        true_score: ``(x, t, **cond) -> [B, *D]``; when given, the L2 integrand is exact Monte Carlo.
         log_prob_T: ``x [B, *D] -> [B]``, ``log p_T``; makes the prior term exact.
-        num_points: points of ``p_t`` per time.
+        method, num_points, options: of ``decompose`` (one decomposition per time gives both parts).
+        cond: per-sample conditioning ``[N, ...]`` aligned with ``x0``.
     Returns:
         ``{"girsanov": Estimate, "gradient": Estimate, "prior": Estimate, "times": [...],
         "integrand_girsanov": [...], "integrand_gradient": [...], "integrand_*_stderr": [...],
-        "gradient_error": [Estimate], "solenoidal_error": [Estimate], "l2_error": [Estimate]}`` (integrand = ``1/2 g(t)^2 ||.||^2``).
+        "gradient_error": [Estimate], "solenoidal_error": [Estimate], "l2_error": [Estimate]}`` (integrand =
+        ``1/2 g(t)^2 ||.||^2``). Without ``true_score`` the L2 integrand is gradient + solenoidal part.
     """
     times = default_times(sde) if times is None else torch.as_tensor(times, dtype=torch.float64).flatten()
     w = trapezoid_weights(times)
     prior = prior_kl(sde, x0, log_prob_T, generator)
-    grads, sols, l2s = [], [], []
-    for tk in times.tolist():
-        dec = feature_decomposition(score_fn, sde, x0, tk, num_points=num_points, generator=generator, **kw)
-        grads.append(dec["gradient"])
-        sols.append(dec["solenoidal"])
-        l2s.append(l2_error(score_fn, sde, x0, tk, true_score, num_points=num_points, generator=generator)
-                   if true_score is not None else dec["l2"])
+    decs = decompose(score_fn, sde, x0, times.tolist(), method=method, num_points=num_points, generator=generator,
+                     options=options, **cond)
+    grads = [d["gradient"] for d in decs]
+    sols = [d["solenoidal"] for d in decs]
+    if true_score is not None:
+        l2s = l2_error(score_fn, sde, x0, times.tolist(), true_score, num_points=num_points, generator=generator,
+                       **cond)
+    else:
+        l2s = [d["l2"] for d in decs]
     half_g2 = 0.5 * sde.g2(times).to(torch.float64)
-    ig = torch.tensor([min(g.value, l.value) for g, l in zip(grads, l2s)], dtype=torch.float64) * half_g2
-    il = torch.tensor([l.value for l in l2s], dtype=torch.float64) * half_g2
+    ig = torch.tensor([min(g.value, el.value) for g, el in zip(grads, l2s)], dtype=torch.float64) * half_g2
+    il = torch.tensor([el.value for el in l2s], dtype=torch.float64) * half_g2
     se_g = torch.tensor([g.stderr for g in grads], dtype=torch.float64) * half_g2
-    se_l = torch.tensor([l.stderr for l in l2s], dtype=torch.float64) * half_g2
+    se_l = torch.tensor([el.stderr for el in l2s], dtype=torch.float64) * half_g2
 
     def bound(integrand, se):
         val = prior.value + float((w * integrand).sum())

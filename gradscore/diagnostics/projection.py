@@ -1,10 +1,10 @@
 """Closed-form weighted Helmholtz-Hodge decomposition of the score error on a feature dictionary
-(THEORY sections 5 and 6.2-6.3).
+(docs/theory.md §5-6).
 
 With ``Phi = [grad phi_k]`` and ``G = E_p[Phi^T Phi]`` the projection of a field ``v`` onto the span is
 ``Phi G^-1 b`` with ``b_k = <v, grad phi_k>_p``, and ``||Pi v||^2 = b^T G^-1 b``. Three fields:
 
-* ``s_theta`` (noise-free, THEORY 6.3): ``b^s = E[Phi^T s_theta]``; ``grad U* = Phi G^-1 b^s`` is the
+* ``s_theta`` (noise-free, docs/theory.md §6): ``b^s = E[Phi^T s_theta]``; ``grad U* = Phi G^-1 b^s`` is the
   projection of the model onto gradient fields, so ``||Pi_S e||^2 = E|s_theta|^2 - ||Pi_G s_theta||^2``.
 * ``e = grad U* - grad log p = Pi_G e`` (the linear term uses ``grad U`` instead of ``s_theta``). Since
   ``<grad U*, grad phi_k> = b^s_k`` exactly, ``b^e_k = b^s_k - <grad log p, grad phi_k>``, and the
@@ -18,7 +18,7 @@ With ``Phi = [grad phi_k]`` and ``G = E_p[Phi^T Phi]`` the projection of a field
 Bias control. A plug-in ``b^T G^-1 b`` is biased up by ``tr(G^-1 Cov b)``, which grows like ``c^2`` with
 the size ``c`` of the model's solenoidal part (it is Monte Carlo noise of ``E[w . grad phi] = 0``); the
 fit-on-one-split / evaluate-on-the-other ``J`` is biased *down* by the same amount (the honest lower
-bound of THEORY 6.2, reported as ``lower_bound``). The value returned is the U-statistic over ``n_blocks``
+bound of docs/theory.md §6, reported as ``lower_bound``). The value returned is the U-statistic over ``n_blocks``
 disjoint blocks of data points, ``sum_{j != k} b_j^T G^-1 b_k``, unbiased for ``||Pi_F v||^2``, so it does
 not drift with ``c``; its standard error is the delete-one-block jackknife (all noises of one ``x_0`` sit
 in one block). ``||Pi_F e|| <= ||Pi_G e||`` for the span ``F``: the features are chosen rich enough
@@ -98,7 +98,8 @@ def feature_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, lin
     sigma = float(sde.sigma(torch.tensor(float(t), dtype=torch.float64)))
     s = evaluate(score_fn, xt, t)
     s_true = evaluate(true_score, xt, t) if true_score is not None else None
-    flat = lambda v: v.reshape(v.shape[0], -1).to(torch.float64)  # noqa: E731
+    # draws happen on x0's device (noisy_points); the closed-form algebra (d <= 32) runs on the CPU in float64
+    flat = lambda v: v.reshape(v.shape[0], -1).to("cpu", torch.float64)  # noqa: E731
     xt, eps, s = flat(xt), flat(eps), flat(s)
     if features is None:
         features = GradientFeatures.default(xt)
@@ -127,7 +128,7 @@ def feature_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, lin
     sol_value = ss_in - float(bs_in @ _pinv(G_in) @ bs_in)
 
     # blocks by data point: row k N + i belongs to block perm_rank(i) mod n_blocks
-    perm = torch.randperm(N, generator=generator)
+    perm = torch.randperm(N, generator=generator, device=x0.device).cpu()
     block_of_x0 = torch.empty(N, dtype=torch.long)
     block_of_x0[perm] = torch.arange(N) % n_blocks
     block = block_of_x0.repeat(n_noise)
@@ -176,7 +177,7 @@ def feature_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, lin
     if s_true is None:
         l2 = grad + sol_value
 
-    # honest held-out J (THEORY 6.2): fit on half the blocks, evaluate on the other half, both ways
+    # honest held-out J (docs/theory.md §6): fit on half the blocks, evaluate on the other half, both ways
     half = torch.arange(n_blocks) < n_blocks // 2
     G_eval = torch.linalg.pinv(Ginv, hermitian=True)
     J = []
