@@ -143,8 +143,9 @@ class EvalConfig:
     method: Literal["sde", "ode"] = "sde"
     use_ema: bool = True
     diag_times: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])   # []: no score diagnostics
+    diag_fit_steps: int = 100       # optimizer steps of each network a score diagnostic fits (per time)
     diag_samples: int = 512
-    diag_points: int = 65536        # points of each diagnostic estimate (gradscore.diagnostics num_points)
+    diag_points: int = 16384        # points of each diagnostic estimate (gradscore.diagnostics num_points)
     # time budget (gradscore_train/budget.py): an evaluation may take max(budget x the training time since the
     # last one, min_seconds); sizes above are reduced to fit (logged, and in the metrics eval/*). null: exact sizes
     budget: float | None = 0.25
@@ -329,6 +330,8 @@ def _check_values(cfg: Config, where: str):
             raise ConfigError(f"{where}: {key} must be >= 0, got {v}")
     if cfg.eval.diag_points < 1:
         raise ConfigError(f"{where}: eval.diag_points must be >= 1, got {cfg.eval.diag_points}")
+    if cfg.eval.diag_fit_steps < 1:
+        raise ConfigError(f"{where}: eval.diag_fit_steps must be >= 1, got {cfg.eval.diag_fit_steps}")
     if cfg.eval.budget is not None and not cfg.eval.budget > 0:
         raise ConfigError(f"{where}: eval.budget must be > 0 or null, got {cfg.eval.budget}")
     if not cfg.eval.min_seconds >= 0:

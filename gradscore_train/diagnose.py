@@ -1,5 +1,6 @@
 """``python -m gradscore_train.diagnose --config CFG (--checkpoint DIR | --pretrained DIR) [--out OUT]``: per-time
-decomposition of a trained model's score error (L2 = gradient + solenoidal) and both KL bounds, as JSON and a PNG.
+decomposition of a trained model's score error (L2 = gradient + solenoidal) and both KL bounds, and the likelihood
+(bits/dim for images, NLL in nats for toys), as JSON and a PNG.
 ``--pretrained`` takes a diffusers pipeline or UNet folder (``gradscore.load_pretrained``), the data from the config.
 
 The library function behind it is ``gradscore.diagnostics.diagnose``; this module adds what needs the
@@ -39,6 +40,23 @@ def load_pretrained_for(cfg, path):
     return sde, model, source.sample_x0
 
 
+def likelihood_metrics(model, sde, cfg, x: torch.Tensor, seed: int) -> dict:
+    """``{"bits_per_dim": {...}}`` for images (17 levels for the digits, else 8-bit) or ``{"nll_nats": {...}}`` for
+    toys, each ``{"value", "stderr"}`` over the points ``x`` (none when ``x`` is empty)."""
+    from gradscore.diagnostics import bits_per_dim, log_likelihood
+
+    if x.shape[0] == 0:
+        return {}
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    if cfg.data.kind == "toy":
+        key, v = "nll_nats", -log_likelihood(model, sde, x, generator=g)
+    else:
+        key, v = "bits_per_dim", bits_per_dim(model, sde, x, levels=17 if cfg.data.kind == "digits" else 256,
+                                              generator=g)
+    return {key: {"value": float(v.mean()), "stderr": float(v.std() / v.numel() ** 0.5) if v.numel() > 1 else 0.0,
+                  "num_data": int(v.numel())}}
+
+
 def main(argv=None) -> int:
     """Run the CLI; returns 0 (a bad config or checkpoint exits with code 2 and one line naming it)."""
     ap = argparse.ArgumentParser(prog="python -m gradscore_train.diagnose", description=__doc__.split("\n\n")[0])
@@ -49,7 +67,11 @@ def main(argv=None) -> int:
                                              "--config then gives only the data")
     ap.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/diagnostics)")
     ap.add_argument("--num-data", type=int, default=4096, help="data samples x0 drawn from the training source")
-    ap.add_argument("--num-times", type=int, default=16, help="points of the time grid")
+    ap.add_argument("--num-times", type=int, default=8, help="points of the time grid")
+    ap.add_argument("--num-points", type=int, default=None, help="model evaluations per time (default: the method's)")
+    ap.add_argument("--fit-steps", type=int, default=500, help="optimizer steps of each network fitted per time")
+    ap.add_argument("--likelihood-samples", type=int, default=128,
+                    help="data points for the likelihood (bits/dim for images, NLL in nats for toys); 0: none")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
@@ -71,10 +93,11 @@ def main(argv=None) -> int:
         true_score = mix.score_fn(sde)
         log_prob_T = lambda x: mix.log_prob(x, sde.T, sde)  # noqa: E731
     out = args.out or os.path.join(args.pretrained or args.checkpoint, "diagnostics")
-    with torch.no_grad():
-        result = diagnose(model, sde, x0, default_times(sde, args.num_times), out, true_score=true_score,
-                          log_prob_T=log_prob_T, generator=torch.Generator().manual_seed(args.seed))
-    print(json.dumps(result["bounds"], indent=2))
+    extra = likelihood_metrics(model, sde, cfg, x0[: args.likelihood_samples], args.seed)
+    result = diagnose(model, sde, x0, default_times(sde, args.num_times), out, true_score=true_score,
+                      log_prob_T=log_prob_T, generator=torch.Generator().manual_seed(args.seed),
+                      num_points=args.num_points, options={"steps": args.fit_steps}, extra=extra)
+    print(json.dumps({**result["bounds"], **extra}, indent=2))
     print(f"wrote {out}/diagnostics.json and {out}/diagnostics.png")
     return 0
 

@@ -39,7 +39,7 @@ def draw_samples(score_model, sde, shape, n: int, method: str, steps: int, seed:
 
 def to_pixels(source, samples: torch.Tensor) -> torch.Tensor:
     """Samples as the data's pixels: latents decoded by the source's autoencoder (``LatentSource``), else as is."""
-    return source.decode(samples) if hasattr(source, "decode") else samples
+    return source.decode(samples) if getattr(source, "latent", False) else samples
 
 
 def save_scatter(samples: torch.Tensor, data: torch.Tensor, path: str, title: str = ""):
@@ -88,17 +88,18 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
 
 
 def score_diagnostics(score_model, sde, x0: torch.Tensor, times, true_score=None, generator=None,
-                      num_points: int = 2**14) -> dict:
+                      num_points: int = 2**14, fit_steps: int = 200) -> dict:
     """Gradient, solenoidal and L2 errors at each ``t`` in ``times`` from one ``gradscore.diagnostics.decompose``
     per time (L2 exact for toys, with the exact score; else gradient + solenoidal), as metrics
     ``diag/<name>/t=<t>`` and ``diag/<name>_stderr/t=<t>``. A diagnostic that fails raises a ``RuntimeError``
     naming the time and the function (a missing number is worse than a stopped evaluation; the config's
-    ``eval.diag_times: []`` runs none)."""
+    ``eval.diag_times: []`` runs none). ``fit_steps``: optimizer steps of each network the decomposition fits."""
     from gradscore import diagnostics as D
     out = {}
     for t in map(float, times):
         try:
-            parts = D.decompose(score_model, sde, x0, t, num_points=num_points, generator=generator)
+            parts = D.decompose(score_model, sde, x0, t, num_points=num_points, generator=generator,
+                                options={"steps": fit_steps})
             if true_score is not None:
                 parts["l2"] = D.l2_error(score_model, sde, x0, t, true_score=true_score, num_points=num_points,
                                          generator=generator)

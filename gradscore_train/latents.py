@@ -67,6 +67,8 @@ class LatentSource:
     Same interface as ``TensorSource`` (``batch``, ``sample_x0``, ``key``, ``labels``, ``shape``: the latent
     shape), plus ``pixels`` and ``decode(z) -> images [n, C, H, W]`` in ``[-1, 1]``."""
 
+    latent = True       # samples are latents: evaluation decodes them (``evaluation.to_pixels``)
+
     finite = True
 
     def __init__(self, latents: torch.Tensor, pixels: TensorSource, autoencoder, name: str):

@@ -20,7 +20,9 @@ def test_cli_on_tiny_trained_toy(tmp_path, capsys):
     printed = capsys.readouterr().out                       # the CLI prints the bounds it computed as JSON
     res = {"bounds": json.loads(printed[: printed.rindex("}") + 1])}
     on_disk = json.loads((out / "diagnostics.json").read_text())
-    assert on_disk["bounds"] == json.loads(json.dumps(res["bounds"]))
+    likelihood = {k: on_disk[k] for k in ("nll_nats", "bits_per_dim") if k in on_disk}
+    assert {**on_disk["bounds"], **likelihood} == json.loads(json.dumps(res["bounds"]))
+    assert likelihood["nll_nats"]["num_data"] > 0                  # toy: the model's NLL in nats
     assert len(on_disk["per_time"]) == 3 and on_disk["bounds"]["prior"]["kind"] == "exact"   # toy: exact log p_T
     # an untrained model: the L2 (Girsanov) bound dominates the gradient bound, both above the prior term
     b = on_disk["bounds"]
@@ -60,3 +62,33 @@ def test_cli_names_a_checkpoint_that_does_not_fit_the_config(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "score_model.safetensors does not fit the model" in err and "config.yaml" in err and "Traceback" not in err
+
+
+def test_cli_on_tiny_digits_checkpoint(tmp_path, capsys):
+    """Images (8x8 digits, d = 64, a UNet): the CLI writes the gradient, solenoidal and L2 parts per time, both
+    bounds and bits/dim (17 levels), all finite; the gradient-only bound is at most Girsanov's (both are built from
+    the same decomposition, the gradient integrand capped by the L2 one)."""
+    import math
+
+    from gradscore_train.train import main as train_main
+
+    run = tmp_path / "run"
+    small = ["model.block_out_channels=[8,16]", "model.norm_num_groups=4", "train.batch_size=16",
+             "train.warmup_steps=1", "eval.quality=false", "eval.num_samples=8", "eval.sample_steps=2",
+             "eval.diag_times=[]"]
+    assert train_main(["--config", "configs/digits/l2.yaml", "--output-dir", str(run), "--max-steps", "2",
+                       "--no-progress", *small]) in (0, None)
+    out = tmp_path / "diag"
+    capsys.readouterr()
+    assert diagnose_main(["--config", "configs/digits/l2.yaml", "--checkpoint", str(run), "--out", str(out),
+                          "--num-data", "64", "--num-times", "2", "--num-points", "512", "--fit-steps", "50",
+                          "--likelihood-samples", "4", *small]) == 0
+    on_disk = json.loads((out / "diagnostics.json").read_text())
+    assert len(on_disk["per_time"]) == 2
+    for row in on_disk["per_time"]:
+        assert all(math.isfinite(row[k]) for k in ("gradient", "solenoidal", "l2")), row
+    b = on_disk["bounds"]
+    assert math.isfinite(b["gradient"]["value"]) and b["gradient"]["value"] <= b["girsanov"]["value"]
+    bpd = on_disk["bits_per_dim"]
+    # dequantised bits/dim bound -log2 of a bin's probability (Jensen), so it is positive in expectation
+    assert bpd["num_data"] == 4 and math.isfinite(bpd["value"]) and bpd["value"] > 0, bpd

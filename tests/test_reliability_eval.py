@@ -1,6 +1,6 @@
 """Evaluation that fits the run (issue 15, item 6): the time budget's arithmetic, the range check of
 samples, and a digits run whose default end-of-run evaluation (1000 samples x 200 steps, diagnostics
-at three times on 65536 points) would take ~15 minutes on this machine but is fitted to its budget."""
+at three times on 16384 points) would take ~15 minutes on this machine but is fitted to its budget."""
 from __future__ import annotations
 
 import logging
@@ -57,14 +57,14 @@ def test_default_evaluation_fits_its_budget_on_digits(tmp_path, caplog, capfd):
     cfg = load_config(os.path.join(ROOT, "configs", "digits", "l2.yaml"),
                       ["train.batch_size=16", "model.block_out_channels=[16,32]", "train.checkpoint_every=0",
                        "eval.sample_every=0", "eval.quality=false", "eval.min_seconds=10", "train.warmup_steps=0"])
-    assert (cfg.eval.num_samples, cfg.eval.sample_steps, cfg.eval.diag_points) == (1000, 200, 65536)
+    assert (cfg.eval.num_samples, cfg.eval.sample_steps, cfg.eval.diag_points) == (1000, 200, 16384)
     with caplog.at_level(logging.INFO, logger="gradscore_train.loop"):
         out = run(cfg, str(tmp_path), max_steps=3, progress=True)
     assert out["eval/budget_seconds"] == 10.0
     assert out["eval/seconds"] <= 2 * out["eval/budget_seconds"], out
-    assert out["eval/num_samples"] * out["eval/sample_steps"] < 1000 * 200 and out["eval/diag_points"] < 65536
+    assert out["eval/num_samples"] * out["eval/sample_steps"] < 1000 * 200 and out["eval/diag_points"] < 16384
     assert any("instead of 1000 x 200" in r.message for r in caplog.records)
-    assert any("diagnostics on" in r.message and "instead of 65536" in r.message for r in caplog.records)
+    assert any("diagnostics on" in r.message and "instead of 16384" in r.message for r in caplog.records)
     err = capfd.readouterr().err
     assert "eval step 3: sampling" in err and "diagnostics at 3 times" in err
     assert {"eval/outside_range", "eval/max_abs", "eval/nonfinite"} <= set(out)

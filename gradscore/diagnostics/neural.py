@@ -109,7 +109,7 @@ def _field(critic: Critic, x: torch.Tensor, t: float, generator: torch.Generator
         else:
             with torch.no_grad():
                 g = critic(xb, torch.full((xb.shape[0],), t, device=xb.device))
-        grads.append(g.flatten(1).double())
+        grads.append(g.flatten(1).double() * getattr(critic, "output_scale", 1.0))
     return (torch.cat(grads), torch.cat(laps)) if laplacian else torch.cat(grads)
 
 
@@ -130,7 +130,7 @@ def _fit(critic: Critic, x: torch.Tensor, target: torch.Tensor, val: tuple, t: f
     target, target_val = target.float().reshape(-1, *shape), target_val.float().reshape(-1, *shape)
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    best, best_state, since = 0.0, None, 0
+    best, best_state, since = -math.inf, None, 0     # patience counts from the best value seen, even below 0
 
     def objective(tgt, xb, create_graph):
         if stein:
@@ -167,7 +167,7 @@ def _fit(critic: Critic, x: torch.Tensor, target: torch.Tensor, val: tuple, t: f
                     if since >= patience:
                         break
     critic.eval()
-    if best_state is None:
+    if best_state is None or best <= 0:
         return None
     critic.load_state_dict(best_state)
     return critic
@@ -190,8 +190,9 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
         x0: data ``[N, *D]`` (``N >= 8``), split by data point: 40% fit, 20% validation, 40% held out.
         num_points: points of ``p_t`` in all (default ``2^14``); ``ceil(num_points / N)`` noises per data point.
         steps, batch_size, lr: Adam (cosine decay) for each of the two networks.
-        path_nodes: Gauss-Legendre nodes of the path potential (0: leave it out; default 24 up to d = 64, where
-            sharp low-dimensional densities at small t need them, 12 above).
+        path_nodes: Gauss-Legendre nodes of the path potential (0: leave it out; default 24 up to d = 8, where
+            sharp low-dimensional densities at small t need them, 8 above: each node is one model evaluation and
+            one vector-Jacobian product per point).
         critic, potential: the scalar networks of steps 2 and 1 (``gradscore.Critic``; default ``default_critic``).
         true_score: optional exact score ``(x, t, **cond) -> [B, *D]``: then ``l2`` is exact Monte Carlo.
         gram_points: points of ``p_t`` (fresh noise on the fit and validation data points) for the covariance
@@ -210,7 +211,7 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
     t = float(t)
     dev = x0.device
     if path_nodes is None:
-        path_nodes = 24 if x0[0].numel() <= 64 else 12
+        path_nodes = 24 if x0[0].numel() <= 8 else 8
     num_points = 2**14 if num_points is None else int(num_points)
     n_noise = max(1, math.ceil(num_points / N))
     sigma = float(sde.sigma(torch.tensor(t, dtype=torch.float64)))
@@ -262,8 +263,14 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
         potential = None
     else:
         potential = potential if potential is not None else default_critic(x0[:2], sde, seed)
-        potential = _fit(potential, pts["fit"]["x"], pts["fit"]["rho"], (pts["val"]["x"], pts["val"]["rho"]), t,
-                         sigma, steps=steps, batch_size=batch_size, lr=lr, generator=generator)
+        # the target is brought to the critic's natural size ~ 1 / sigma_t (its psi = psi~ / sigma_t), whatever the
+        # size of what is left: a sharp score at small t is far larger, a near-gradient model's rest far smaller
+        scale = math.sqrt(left * float(pts["fit"]["s"].pow(2).sum(1).mean())) * sigma
+        potential = _fit(potential, pts["fit"]["x"], pts["fit"]["rho"] / scale,
+                         (pts["val"]["x"], pts["val"]["rho"] / scale), t, sigma, steps=steps, batch_size=batch_size,
+                         lr=lr, generator=generator)
+        if potential is not None:
+            potential.output_scale = scale
     for p in pts.values():
         p["g"] = projected(p) + (_grad_field(potential, p["x"], t) if potential is not None else 0.0)
     held = pts["held"]
@@ -292,10 +299,13 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
     Bs = torch.stack([held["s"][block == j].T @ xc[block == j] / counts[j] for j in range(nb)]) + eye
     mus = torch.stack([held["s"][block == j].mean(0) for j in range(nb)])
     affine_value, affine_se = affine_norm_ustat(Bs, mus, big, halves)
-    a_e = AffineGradient.project(A["xf"], A["s"], mom, extra_cross=eye)
+    # fitted on the fit split alone: the validation split that accepts or rejects the critic must be out of sample
+    # for everything the critic's target contains
+    a_e = AffineGradient.project(pts["fit"]["xf"], pts["fit"]["s"], Moments.of(pts["fit"]["xf"]), extra_cross=eye)
     for p in pts.values():
-        # Stein: (g - a_e) . grad psi + lap psi has the mean <g - grad log p - a_e, grad psi> (no true score)
-        p["r"] = p["g"] - a_e(p["xf"])
+        # Stein: (s - a_e) . grad psi + lap psi has the mean <e - a_e, grad psi> (no true score). The model's own
+        # values, not the fit g: a fitting error of step 1 would be a gradient field the critic counts as error
+        p["r"] = p["s"] - a_e(p["xf"])
     critic = critic if critic is not None else default_critic(x0[:2], sde, seed + 1)
     critic = _fit(critic, pts["fit"]["x"], pts["fit"]["r"], (pts["val"]["x"], pts["val"]["r"]), t, sigma,
                   steps=steps, batch_size=batch_size, lr=lr, generator=generator, stein=True)
