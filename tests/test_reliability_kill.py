@@ -1,19 +1,22 @@
-"""Kill at any moment (issue 15, item 1): a training run killed with SIGKILL at random moments, during
-steps, checkpoint writes and the final evaluation alike, and resumed each time ends with the weights
+"""Kill at any moment (issue 15, item 1): a training run killed with SIGKILL four times, during steps,
+during a checkpoint write and during the final evaluation, and resumed each time ends with the weights
 of an uninterrupted run. Oracle: bitwise equality (max diff 0 on CPU): every random draw is a function
 of (seed, step), a checkpoint becomes visible only complete (atomic rename) and is verified when read.
 
-The kills: up to four (at least three must land), at a uniform random delay in [0, 2] s after the
-launch has logged its first step (60 steps with a checkpoint after each take ~3-6 s, then the final
-evaluation ~3 s), except the second, which comes as soon as a checkpoint's temporary folder appears
-(mid-write). Each launch is the training CLI in a forked child with ``--resume auto`` (a fresh start
-until a checkpoint exists). A launch that resumes at the last step only evaluates; a kill may miss it.
+The kills are placed by what the run has done, not by the clock (a fast machine finished the 60 steps
+before a clock-placed kill landed): (1) a random delay of up to 30 ms after a random step in [5, 20] is
+logged, (2) as soon as this launch's first checkpoint temporary folder appears (mid-write; stale
+temporary folders of earlier kills are removed first so the wait sees this launch's), (3) as (1) for a
+step in [35, 50], (4) a random moment up to 1 s into the final evaluation (after step 60 is logged; the
+evaluation takes ~3 s). Each launch is the training CLI in a forked child with ``--resume auto``.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -53,40 +56,60 @@ def _final_weights(out):
             for k, v in load_file(os.path.join(ck, f"{name}.safetensors")).items()}
 
 
+def _last_step(path) -> int:
+    """The largest step logged so far in ``metrics.jsonl`` (-1 before the first; a half-written line is skipped)."""
+    best = -1
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                best = max(best, int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+    return best
+
+
+def _wait(proc, done, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.is_alive(), f"the launch ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.001)
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     import gradscore_train.loop  # noqa: F401  (imported before the children fork)
     ref = _start(tmp_path / "ref")
     ref.join(timeout=300)
     assert ref.exitcode == 0
-    rng, out, kills, where = random.Random(0), tmp_path / "killed", 0, []
-    ckdir = out / "checkpoints"
-    for _ in range(10):                                      # at most 10 launches
+    rng, out = random.Random(0), tmp_path / "killed"
+    ckdir, metrics = out / "checkpoints", out / "metrics.jsonl"
+    where = []
+    for kill in range(4):
+        if kill == 1 and ckdir.is_dir():
+            for name in os.listdir(ckdir):
+                if name.startswith(".tmp"):
+                    shutil.rmtree(ckdir / name)
         proc = _start(out)
-        if kills < 4:
-            if kills == 1:       # this kill: as soon as a checkpoint is being written (its temporary folder exists)
-                deadline = time.monotonic() + 60
-                while proc.is_alive() and time.monotonic() < deadline and not (
-                        ckdir.is_dir() and any(n.startswith(".tmp") for n in os.listdir(ckdir))):
-                    time.sleep(0.001)
-            else:                # a random moment once this launch trains (its first step is logged)
-                metrics, size = out / "metrics.jsonl", _size(out / "metrics.jsonl")
-                deadline = time.monotonic() + 60
-                while proc.is_alive() and time.monotonic() < deadline and _size(metrics) <= size:
-                    time.sleep(0.005)
-                time.sleep(rng.uniform(0.0, 2.0))
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.join()
-                kills += 1
-                where.append(sorted(os.listdir(ckdir)) if ckdir.is_dir() else [])
-                continue
-        proc.join(timeout=300)
-        assert proc.exitcode == 0
-        if (out / "final_metrics.json").exists():
-            break
+        if kill in (0, 2):
+            step = rng.randint(5, 20) if kill == 0 else rng.randint(35, 50)
+            _wait(proc, lambda s=step: _last_step(metrics) >= s, f"step {step} logged")
+            time.sleep(rng.uniform(0.0, 0.03))
+        elif kill == 1:
+            _wait(proc, lambda: ckdir.is_dir() and any(n.startswith(".tmp") for n in os.listdir(ckdir)),
+                  "checkpoint write")
+        else:
+            _wait(proc, lambda: _last_step(metrics) >= STEPS, f"step {STEPS} logged")
+            time.sleep(rng.uniform(0.0, 1.0))
+        assert proc.is_alive(), f"kill {kill + 1} came too late: the launch had ended"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        where.append(sorted(os.listdir(ckdir)) if ckdir.is_dir() else [])
+    assert not (out / "final_metrics.json").exists(), f"the run finished before the last kill: {where}"
+    proc = _start(out)
+    proc.join(timeout=300)
+    assert proc.exitcode == 0
     print("checkpoint folders at the kills:", where)
-    assert kills >= 3, f"only {kills} kills landed (the runs ended first): {where}"
     assert any(n.startswith(".tmp") for n in where[1]), f"the second kill missed the checkpoint write: {where}"
     assert (out / "final_metrics.json").exists()
     a, b = _final_weights(tmp_path / "ref"), _final_weights(out)
