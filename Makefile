@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# the suite runs in one process per core (tests/conftest.py gives each one torch thread); whole files per worker,
+# so a module's fixtures are built once
+TEST_WORKERS ?= 2
 
 .PHONY: install test demo bench clean
 
@@ -16,7 +19,7 @@ install: $(STAMP)
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: install
 	$(PY) -m gradscore_train.ablate configs/ablations/toy.yaml

@@ -205,8 +205,11 @@ def test_kl_bounds_zero_effect_and_ordering():
     times = torch.linspace(sde.t_min, 1.0, 6)
     log_pT = lambda x: mix.log_prob(x, 1.0, sde)  # noqa: E731
     zero_effect = add_zero_effect(mix.score_fn(sde), 2.0)
+    # 150 steps per network fit (not 500): the bounds' ordering and the zero effect hold with room (measured: gradient
+    # bound -0.001 +- 0.023 against the prior's 2e-5, Girsanov 44.9 +- 0.24), at half the time
+    fast = {"steps": 150}
     kl = kl_bounds(zero_effect, sde, x0, times, true_score=mix.score_fn(sde), log_prob_T=log_pT,
-                   num_points=2**13, generator=torch.Generator().manual_seed(1))
+                   num_points=2**13, generator=torch.Generator().manual_seed(1), options=fast)
     assert kl["prior"].extra["kind"] == "exact"
     assert kl["gradient"].value <= kl["girsanov"].value
     # pure zero-effect: the gradient bound is the prior term within 3 standard errors
@@ -214,7 +217,7 @@ def test_kl_bounds_zero_effect_and_ordering():
     assert kl["girsanov"].value > kl["prior"].value + 10 * kl["girsanov"].stderr
     # a model with a gradient error: still ordered, now above the prior term
     bad = _mixture_model(mix, sde, 2.0)
-    kl2 = kl_bounds(bad, sde, x0, times, num_points=2**13, generator=torch.Generator().manual_seed(1))
+    kl2 = kl_bounds(bad, sde, x0, times, num_points=2**13, generator=torch.Generator().manual_seed(1), options=fast)
     assert kl2["prior"].extra["kind"] == "convexity_bound"
     assert kl2["prior"].value < kl2["gradient"].value <= kl2["girsanov"].value
     assert len(kl2["integrand_gradient"]) == len(times)

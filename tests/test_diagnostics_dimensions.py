@@ -150,14 +150,14 @@ def test_small_times_2d(t):
 
 
 def test_standard_errors_match_the_spread_over_seeds():
-    """Linear oracle, d = 16 (the issue's case): over 8 independent seeds (data, noise, fits), the mean reported
-    standard error and the standard deviation of the values agree within a factor 1.5 for the gradient part and L2
-    (with 8 seeds the sample std itself is uncertain by ~25%). The solenoidal part's error is conservative: measured
-    2.1x its spread (not yet explained; the acceptance's factor 1.5 is not met there), so it is held to never being
-    overconfident and within 2.5x."""
+    """Linear oracle, d = 16 (the issue's case): over 16 independent seeds (data, noise, fits), the mean reported
+    standard error and the standard deviation of the values agree within a factor 1.5 for the gradient part, the
+    solenoidal part and L2. Why 16 seeds: the sample std of n values is itself uncertain by ~1/sqrt(2(n-1)), 27% at
+    n = 8, and seeds 0-7 alone happen to give a solenoidal spread of 0.53 against a stderr of 1.12 (a 2% tail of
+    chi^2_7); seeds 8-31 give 1.17 against 1.14. With 16 seeds (18%) the factor 1.5 is more than 2 sds away."""
     vals = {k: [] for k in ("gradient", "solenoidal", "l2")}
     ses = {k: [] for k in vals}
-    for seed in range(8):
+    for seed in range(16):
         o = linear_oracle(16, 2.0, seed=0, n0=1024, data_seed=100 + seed)
         out = decompose(o["score"], o["sde"], o["x0"], 0.3, num_points=2**12,
                         generator=torch.Generator().manual_seed(seed), options={"steps": 150, "seed": seed})
@@ -165,8 +165,7 @@ def test_standard_errors_match_the_spread_over_seeds():
             vals[k].append(out[k].value)
             ses[k].append(out[k].stderr)
     ratio = {k: float(torch.tensor(ses[k]).mean()) / float(torch.tensor(vals[k]).std()) for k in vals}
-    assert 1 / 1.5 < ratio["gradient"] < 1.5 and 1 / 1.5 < ratio["l2"] < 1.5, ratio
-    assert 1 / 1.5 < ratio["solenoidal"] < 2.5, ratio
+    assert all(1 / 1.5 < r < 1.5 for r in ratio.values()), ratio
 
 
 def test_generator_on_another_device_and_conditioning_are_checked():
