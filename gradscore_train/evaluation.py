@@ -112,9 +112,11 @@ def score_diagnostics(score_model, sde, x0: torch.Tensor, times, true_score=None
     return out
 
 
-def quality(source, samples: torch.Tensor, eval_cfg, seed: int, device="cpu") -> dict:
-    """Sample-quality metrics: exact NLL and distances for toys; classifier Frechet distance (and
-    Inception FID when ``eval.fid_weights`` is set) for images."""
+def quality(source, samples: torch.Tensor, eval_cfg, seed: int, device="cpu",
+            labels: torch.Tensor | None = None) -> dict:
+    """Sample-quality metrics: exact NLL and distances for toys; for images with labels, the classifier Frechet
+    distance, the classes the samples depict (``class_accuracy`` per class when the samples were drawn for
+    ``labels: [N]``, ``class_coverage`` otherwise) and Inception FID when ``eval.fid_weights`` is set."""
     from gradscore import quality as Q
 
     g = torch.Generator().manual_seed(seed)
@@ -129,6 +131,11 @@ def quality(source, samples: torch.Tensor, eval_cfg, seed: int, device="cpu") ->
         net = Q.feature_net(source.key(), source.images, source.labels, eval_cfg.classifier_cache)
         out["quality/classifier_fd"] = Q.classifier_frechet_distance(net, real, samples)
         out["quality/classifier_fd_floor"] = Q.classifier_frechet_distance(net, real, source.sample_x0(n, generator=g))
+        if labels is not None:
+            out.update({f"quality/class_{k}": v for k, v in Q.class_accuracy(net, samples, labels).items()})
+        else:
+            classes = int(source.labels.max()) + 1
+            out.update({f"quality/class_{k}": v for k, v in Q.class_coverage(net, samples, classes).items()})
     else:
         log.info("data set has no labels: no classifier Frechet distance")
     if eval_cfg.fid_weights:

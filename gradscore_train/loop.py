@@ -369,7 +369,7 @@ class Trainer:
             if quality:
                 bar.set_description(f"eval step {step}: sample quality")
                 out.update(evaluation.quality(self.source, x, ev, micro_seed(cfg.train.seed, step, 98),
-                                              self.acc.device))
+                                              self.acc.device, labels=labels))
                 bar.update()
             if final:
                 torch.save(x, os.path.join(self.output_dir, "samples", f"step-{step:07d}.pt"))

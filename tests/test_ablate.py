@@ -210,3 +210,20 @@ def test_assessment_keeps_the_prior_term_and_its_stderr_apart():
     se = out["stderr"]
     assert se["kl_girsanov"] ** 2 - se["kl_prior"] ** 2 == pytest.approx(integral_var, rel=1e-12)
     assert se["kl_prior"] > 0
+
+
+def test_image_report_puts_per_class_numbers_in_a_table_of_their_own():
+    """summary_rows on two class-conditional image runs (final metrics only, as the loop writes them): the overall
+    accuracy is a column of the main table, the per-class accuracies (mean ± std over the seeds) a table below."""
+    from gradscore_train.ablation.report import _per_class_table, summary_rows
+
+    fm = [{"quality/class_accuracy": 0.5, "quality/class_accuracy/0": 0.25, "quality/class_accuracy/1": 0.75,
+           "train/seconds_per_step": 0.1},
+          {"quality/class_accuracy": 0.7, "quality/class_accuracy/0": 0.75, "quality/class_accuracy/1": 0.65,
+           "train/seconds_per_step": 0.1}]
+    runs = [{"label": "l2", "run_id": f"l2-s{i}", "final_metrics": m, "wall_s": 1.0} for i, m in enumerate(fm)]
+    rows = summary_rows(runs, "classifier_fd")
+    lines = _per_class_table(rows)
+    assert lines[0].startswith("Per-class accuracy")
+    assert lines[2].splitlines() == ["| objective | 0 | 1 |", "|---|---|---|", "| l2 | 0.5 ± 0.354 | 0.7 ± 0.0707 |"]
+    assert _per_class_table([{"label": "l2", "quality/classifier_fd": "1"}]) == []

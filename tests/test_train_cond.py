@@ -71,8 +71,13 @@ def test_every_digits_cond_config_builds_a_conditional_model_and_critic(objectiv
 @pytest.mark.parametrize("objective", ["l2", "l2+dual_sobolev"])
 def test_the_driver_trains_class_conditionally_on_digits(tmp_path, objective):
     """2 driver steps on configs/digits_cond/ (with a critic for l2+dual_sobolev), then guided samples (w = 1)."""
-    out = run(cond_config(objective, "eval.diagnose_every=0"), str(tmp_path), max_steps=2, progress=False)
+    out = run(cond_config(objective, "eval.diagnose_every=0", "eval.quality=true",
+                          f"eval.classifier_cache={tmp_path / 'cls'}"), str(tmp_path), max_steps=2, progress=False)
     assert torch.isfinite(torch.tensor(out["train/loss"]))
+    # the 16 guided samples were drawn for labels 0..9, 0..5: the classifier's verdict on each label
+    per_class = [out[f"quality/class_accuracy/{k}"] for k in range(10)]
+    assert all(0 <= a <= 1 for a in per_class) and "quality/class_coverage" not in out
+    assert out["quality/class_accuracy"] == pytest.approx((sum(per_class[:6]) * 2 + sum(per_class[6:])) / 16)
     assert os.path.isfile(tmp_path / "samples" / "step-0000002.png")
 
 

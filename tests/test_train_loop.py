@@ -153,6 +153,7 @@ def test_every_objective_trains_on_digits_unet(tmp_path, objective):
                       f"eval.classifier_cache={tmp_path / 'cls'}"), str(tmp_path), max_steps=2, progress=False)
     assert torch.isfinite(torch.tensor(out["train/loss"]))
     assert out["quality/classifier_fd"] > 0
+    assert 0 <= out["quality/class_coverage"] <= 1 and sum(out[f"quality/class_share/{k}"] for k in range(10)) <= 1
     assert os.path.isfile(tmp_path / "samples" / "step-0000002.png")
 
 

@@ -82,6 +82,20 @@ def summary_rows(runs: list[dict], quality_key: str) -> list[dict]:
     return rows
 
 
+def _per_class_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per objective, the classifier's accuracy on the samples drawn for each label
+    (class-conditional runs) or each class's share of the samples (unconditional runs); [] when neither was measured."""
+    for prefix, what in (("quality/class_accuracy/", "Per-class accuracy: the fraction of the samples drawn for "
+                          "label k that the classifier of `gradscore.quality` labels k (mean ± std over seeds)"),
+                         ("quality/class_share/", "Per-class share: the fraction of the samples the classifier of "
+                          "`gradscore.quality` labels k (uniform: 0.1 for the digits; mean ± std over seeds)")):
+        classes = sorted({int(k[len(prefix):]) for r in rows for k in r if k.startswith(prefix)})
+        if classes:
+            body = [[r["label"], *[r.get(f"{prefix}{k}", "-") for k in classes]] for r in rows]
+            return [f"{what}.", "", _markdown_table(["objective", *map(str, classes)], body), ""]
+    return []
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -272,11 +286,15 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
     else:
         lines += ["Quality and diagnostics as measured by the training loop at the end of each run "
                   "(`final_metrics.json`); no correlation study (it needs a target with an exact score).", ""]
-        qkeys = sorted({k for r in rows for k in r if k.startswith(("quality/", "diag/"))})
+        per_class = ("quality/class_accuracy/", "quality/class_share/")     # one table of their own, below
+        qkeys = sorted({k for r in rows for k in r
+                        if k.startswith(("quality/", "diag/")) and not k.startswith(per_class)})
         header = ["objective", "seeds", *qkeys, "s/step", "wall s"]
         body = [[r["label"], r["seeds"], *[r.get(k, "-") for k in qkeys], r["sec_per_step"], r["wall_s"]] for r in rows]
     table = _markdown_table(header, body)
     lines += [table, ""]
+    if not toy:
+        lines += _per_class_table(rows)
     if toy and any("model_nll" in r for r in rows):
         lines += ["`model NLL`: the trained model's NLL of target samples, E_p[-log q] in nats, by the "
                   "probability-flow ODE (`eval.likelihood`; the target's entropy is what the exact score gives).", ""]
