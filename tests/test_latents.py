@@ -99,6 +99,8 @@ def test_training_on_latents_decodes_samples(tmp_path, kl_folder, monkeypatch):
     monkeypatch.setattr(Q, "feature_net", lambda key, images, labels, cache: ("net", key, tuple(images.shape)))
     monkeypatch.setattr(Q, "classifier_frechet_distance",
                         lambda net, real, fake: seen.append((net, tuple(real.shape), tuple(fake.shape))) or 0.0)
+    monkeypatch.setattr(Q, "class_coverage",                         # judged on the decoded pixels too
+                        lambda net, fake, k: seen.append(("coverage", tuple(fake.shape), k)) or {"coverage": 1.0})
 
     config = load_config(os.path.join(ROOT, "configs", "digits", "l2.yaml"), [
         f"data.autoencoder={kl_folder}", f"data.latent_cache={tmp_path / 'cache'}", "data.max_images=64",
@@ -108,6 +110,7 @@ def test_training_on_latents_decodes_samples(tmp_path, kl_folder, monkeypatch):
     metrics = run(config, str(tmp_path / "run"))
     assert "quality/classifier_fd" in metrics and metrics["x0"] == (16, 2, 4, 4)
     assert seen[0] == (("net", "digits-64x1x8x8", (64, 1, 8, 8)), (16, 1, 8, 8), (16, 1, 8, 8))
+    assert ("coverage", (16, 1, 8, 8), 10) in seen and metrics["quality/class_coverage"] == 1.0
     samples = torch.load(tmp_path / "run" / "samples" / "step-0000002.pt")
     assert samples.shape == (16, 2, 4, 4)
     import matplotlib.image
