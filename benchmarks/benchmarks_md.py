@@ -31,6 +31,7 @@ TRIED = """\
 DUAL_SOBOLEV_STABILITY = (pathlib.Path(__file__).parent / "dual_sobolev_stability.md").read_text()
 # The likelihood's cost (benchmarks/likelihood_cost.py, run on its own: minutes), kept verbatim.
 LIKELIHOOD_COST = (pathlib.Path(__file__).parent / "likelihood_cost.md").read_text()
+DIAGNOSTICS_COST = (pathlib.Path(__file__).parent / "diagnostics_cost.md").read_text()
 
 
 def _f(v, fmt="{:.2f}"):
@@ -284,5 +285,5 @@ def markdown(results, command: str) -> str:
                 "and it needs no sampler, which is what makes it cheap where sampling is expensive (a UNet, many "
                 "steps). It also answers a different question: it sees only the observable part of the error at one t.",
                 ""]
-    out += [DUAL_SOBOLEV_STABILITY, LIKELIHOOD_COST]
+    out += [DUAL_SOBOLEV_STABILITY, LIKELIHOOD_COST, DIAGNOSTICS_COST]
     return "\n".join(out)
