@@ -32,6 +32,8 @@ DUAL_SOBOLEV_STABILITY = (pathlib.Path(__file__).parent / "dual_sobolev_stabilit
 # The likelihood's cost (benchmarks/likelihood_cost.py, run on its own: minutes), kept verbatim.
 LIKELIHOOD_COST = (pathlib.Path(__file__).parent / "likelihood_cost.md").read_text()
 DIAGNOSTICS_COST = (pathlib.Path(__file__).parent / "diagnostics_cost.md").read_text()
+# The diagnostics' standard errors against their spread over seeds (benchmarks/kl_stderr_calibration.py), kept verbatim.
+STDERR_CALIBRATION = (pathlib.Path(__file__).parent / "stderr_calibration.md").read_text()
 
 
 def _f(v, fmt="{:.2f}"):
@@ -82,7 +84,8 @@ def targets_table(results) -> str:
 
 
 def tables(results) -> str:
-    out = [f"threads {results['threads']}; wall {results['seconds']:.0f} s"]
+    out = [f"threads {results['threads']}; wall {results['seconds']:.0f} s"
+           + ("; every loss under bf16 autocast" if results.get("bf16") else "")]
     for name, case in results["cases"].items():
         out += ["", f"## {name}", case_table(case)]
     if any("peak_mb_ratio" in r for c in results["cases"].values() for r in c["rows"].values()) or results.get("driver"):
@@ -285,5 +288,5 @@ def markdown(results, command: str) -> str:
                 "and it needs no sampler, which is what makes it cheap where sampling is expensive (a UNet, many "
                 "steps). It also answers a different question: it sees only the observable part of the error at one t.",
                 ""]
-    out += [DUAL_SOBOLEV_STABILITY, LIKELIHOOD_COST, DIAGNOSTICS_COST]
+    out += [DUAL_SOBOLEV_STABILITY, LIKELIHOOD_COST, DIAGNOSTICS_COST, STDERR_CALIBRATION]
     return "\n".join(out)

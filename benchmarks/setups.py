@@ -41,10 +41,12 @@ class Step:
         self.params = [*model.parameters(), *(critic.parameters() if critic is not None else [])]
         self.opt = make_optimizer(self.params, lr)         # the training driver's optimizer (fused AdamW)
         self.seed = seed
+        self.bf16 = False                                  # run the loss under bf16 autocast on x0's device
 
     def forward(self):
         g = torch.Generator().manual_seed(self.seed)
-        with (gradscore.double_backward.math_attention() if self.math_attention else contextlib.nullcontext()):
+        with (gradscore.double_backward.math_attention() if self.math_attention else contextlib.nullcontext()), \
+                torch.autocast(self.x0.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.objective(self.model, self.x0, generator=g).mean()
 
     def step(self):

@@ -18,6 +18,7 @@ from gradscore.diagnostics import (
     siem,
     solenoidal_error,
 )
+from gradscore.diagnostics.estimate import jackknife, ustat_stderr
 from gradscore.diagnostics.projection import feature_decomposition
 from gradscore.toy import GaussianMixture, add_zero_effect
 
@@ -266,3 +267,26 @@ def test_time_grid_returns_list_and_bad_arguments():
         gradient_error(mix.score_fn(sde), sde, x0, 0.3, linear="nope")
     with pytest.raises(ValueError, match="bounds"):
         exact_decomposition_2d(mix.score_fn(sde), lambda x: -x.pow(2).sum(1), 0.3)
+
+
+@pytest.mark.parametrize("mu", [0.0, 3.0])
+def test_ustat_stderr_against_the_exact_variance(mu):
+    """Order-2 U-statistic of n = 10 blocks b_j ~ N(m, I_K), Q_jk = b_j . b_k (the shape of the gradient part's
+    statistic). Exact: zeta_1 = |m|^2, zeta_2 = K + 2 |m|^2, Var U = (4 (n - 2) zeta_1 + 2 zeta_2) / (n (n - 1)).
+    Over 1500 replicates the mean reported stderr is within [0.9, 1.25] of the exact sd: the estimate is unbiased
+    in variance but floors zeta_1 at 0, which makes it up to ~15% conservative when the truth is 0 (mu = 0, the
+    degenerate case); Monte Carlo error of the mean is ~1%. The delete-one-block jackknife reads ~1.4 there."""
+    n, K, reps = 10, 20, 1500
+    g = torch.Generator().manual_seed(0)
+    m = torch.full((K,), mu / math.sqrt(K), dtype=torch.float64)
+    exact = math.sqrt((4 * (n - 2) * mu**2 + 2 * (K + 2 * mu**2)) / (n * (n - 1)))
+    ses = []
+    for _ in range(reps):
+        b = torch.randn(n, K, generator=g, dtype=torch.float64) + m
+        ses.append(ustat_stderr(b @ b.T))
+    assert 0.9 < sum(ses) / reps / exact < 1.25, (sum(ses) / reps, exact)
+    jk = [jackknife(lambda keep, b=b: float((b[keep] @ b[keep].T).sum() - b[keep].pow(2).sum())
+                    / (int(keep.sum()) * (int(keep.sum()) - 1)), n)[1]
+          for b in (torch.randn(n, K, generator=g, dtype=torch.float64) + m for _ in range(300))]
+    if mu == 0.0:
+        assert sum(jk) / len(jk) / exact > 1.25, "the jackknife was expected to overstate the degenerate case"

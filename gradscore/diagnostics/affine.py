@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .estimate import ustat_stderr
+
 __all__ = ["AffineGradient", "Moments", "solve_lyapunov", "affine_norm_ustat"]
 
 
@@ -104,40 +106,34 @@ class AffineGradient:
         return float(torch.trace(self.S))
 
 
-def _ustat(B: torch.Tensor, mu: torch.Tensor, moments: Moments) -> tuple[float, torch.Tensor]:
-    nb = B.shape[0]
+def _kernel(B: torch.Tensor, mu: torch.Tensor, moments: Moments) -> torch.Tensor:
+    """``P_jk = <S_j, B_k> + mu_j . mu_k`` (symmetrised) with ``S_j`` the Lyapunov solution of block ``j``."""
     S = torch.stack([solve_lyapunov(moments.lam, moments.V, b + b.T) for b in B])         # [n_b, d, d]
-    P = torch.einsum("jab,kab->jk", S, B) + mu @ mu.T                 # P_jk = <S_j, B_k> + mu_j . mu_k
-    P = (P + P.T) / 2
-    total, diag = float(P.sum()), torch.diagonal(P)
-    row = P.sum(1)
-    full = (total - float(diag.sum())) / (nb * (nb - 1))
-    reps = [(total - 2 * float(row[j]) + float(P[j, j]) - (float(diag.sum()) - float(diag[j]))) / ((nb - 1) * (nb - 2))
-            for j in range(nb)]
-    return full, torch.tensor(reps, dtype=torch.float64)
+    P = torch.einsum("jab,kab->jk", S, B) + mu @ mu.T
+    return (P + P.T) / 2
 
 
 def affine_norm_ustat(B: torch.Tensor, mu: torch.Tensor, moments: Moments,
                       halves: tuple[Moments, Moments] | None = None) -> tuple[float, float]:
-    """Unbiased ``||Pi_aff v||^2 = tr(S B) + |mu|^2`` from independent per-block moments, with its jackknife error.
+    """Unbiased ``||Pi_aff v||^2 = tr(S B) + |mu|^2`` from independent per-block moments, with its standard error.
 
     ``B: [n_b, d, d]`` holds each block's estimate of ``E[v (x - m)^T]`` and ``mu: [n_b, d]`` of ``E[v]`` (``m`` and
     ``C`` are ``moments``, from points independent of the blocks). The statistic is the U-statistic
     ``sum_{j != k} (<S_j, B_k> + mu_j . mu_k) / (n_b (n_b - 1))`` with ``S_j`` the Lyapunov solution of block ``j``:
     each product pairs two independent blocks, so the square of the Monte Carlo noise of the moments does not
     enter (a plug-in ``tr(S B)`` would be biased up by it, a fit-here-evaluate-there value biased down).
-    Returns ``(value, stderr)``; the error is the delete-one-block jackknife."""
+    Returns ``(value, stderr)``; the error is the U-statistic's Hoeffding variance (``ustat_stderr``)."""
     nb = B.shape[0]
-    if nb < 3:
-        raise ValueError(f"affine_norm_ustat needs at least 3 blocks, got {nb}")
-    full, reps = _ustat(B, mu, moments)
+    if nb < 4:
+        raise ValueError(f"affine_norm_ustat needs at least 4 blocks, got {nb}")
+    P = _kernel(B, mu, moments)
     if halves is not None:
         # the covariance enters through its inverse, biased by O(d / N) for N data points (fresh noise does not
         # average the data's own sampling error out); the bias is amplified because the norm is a difference of
         # terms of order tr(C^-1). Half-sample (Richardson) correction: bias(N / 2) = 2 bias(N), so
-        # 2 U(N) - mean U(N / 2) removes the first order.
-        ha, hb = (_ustat(B, mu, h) for h in halves)
-        full = 2 * full - (ha[0] + hb[0]) / 2
-        reps = 2 * reps - (ha[1] + hb[1]) / 2
-    se = float(((nb - 1) / nb * (reps - reps.mean()).pow(2).sum()).sqrt())
+        # 2 U(N) - mean U(N / 2) removes the first order. U is linear in the kernel: one corrected kernel.
+        ha, hb = (_kernel(B, mu, h) for h in halves)
+        P = 2 * P - (ha + hb) / 2
+    full = float((P.sum() - torch.diagonal(P).sum()) / (nb * (nb - 1)))
+    se = ustat_stderr(P)
     return full, se

@@ -344,6 +344,7 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
         exact = _per_x0((held["s"] - held["true"]).pow(2).sum(1), n_noise, n)
         l2 = Estimate(float(exact.mean()), se(exact), {**common, "exact": True})
     else:
-        l2 = Estimate(grad_value + solenoidal.value, math.sqrt(grad_se**2 + solenoidal.stderr**2),
+        # the rest and the solenoidal part come from the same held-out points and are correlated: their sum's spread
+        l2 = Estimate(grad_value + solenoidal.value, math.sqrt(affine_se**2 + se(rest + sol) ** 2),
                       {**common, "exact": False})
     return {"gradient": gradient, "solenoidal": solenoidal, "l2": l2}

@@ -20,9 +20,9 @@ the size ``c`` of the model's solenoidal part (it is Monte Carlo noise of ``E[w 
 fit-on-one-split / evaluate-on-the-other ``J`` is biased *down* by the same amount (the honest lower
 bound of docs/theory.md §6, reported as ``lower_bound``). The value returned is the U-statistic over ``n_blocks``
 disjoint blocks of data points, ``sum_{j != k} b_j^T G^-1 b_k``, unbiased for ``||Pi_F v||^2``, so it does
-not drift with ``c``; its standard error is the delete-one-block jackknife (all noises of one ``x_0`` sit
-in one block). ``||Pi_F e|| <= ||Pi_G e||`` for the span ``F``: the features are chosen rich enough
-(``GradientFeatures.default``) that the gap is small for smooth errors.
+not drift with ``c``; its standard error is the U-statistic's Hoeffding variance (``ustat_stderr``; all
+noises of one ``x_0`` sit in one block). ``||Pi_F e|| <= ||Pi_G e||`` for the span ``F``: the features are
+chosen rich enough (``GradientFeatures.default``) that the gap is small for smooth errors.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import math
 import torch
 
 from ..sde import SDE
-from .estimate import Estimate, jackknife
+from .estimate import Estimate, jackknife, ustat_stderr
 from .features import GradientFeatures
 from .points import evaluate, noisy_points
 
@@ -114,8 +114,9 @@ def feature_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, lin
             G += Pf.T @ Pf
         return G / x.shape[0]
 
-    # G for the gradient part from fresh points of p_t (no model evaluations): G^-1 is independent of
-    # the block vectors b_j, so the cross-block statistic below is unbiased up to E[G^-1] - G^-1 = O(K / M)
+    # G for the gradient part from fresh points of p_t (fresh noise, no model evaluations): its noise is independent
+    # of the block vectors b_j, so the cross-block statistic below is unbiased up to E[G^-1] - G^-1 = O(K / M) and
+    # the O(1 / N) covariance of G with the b_j through the shared data points
     x_gram, _ = noisy_points(sde, x0, t, max(1, math.ceil(M / N)), generator)
     Ginv = _pinv(gram(flat(x_gram)[:M]))
     # noise-free solenoidal part: in-sample regression residual of s on the first M model points
@@ -173,7 +174,11 @@ def feature_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, lin
         l2 = float((w * ee[keep]).sum()) if s_true is not None else grad + sol
         return grad, sol, l2
 
-    (grad, _, l2), (se_g, se_s, se_l) = jackknife(stats, n_blocks)
+    (grad, _, l2), (se_g_jack, se_s, se_l) = jackknife(stats, n_blocks)
+    # the U-statistic's own error (the jackknife counts its degenerate part twice); the L2 error keeps the
+    # jackknife's covariance of the two parts and swaps in the gradient part's variance
+    se_g = ustat_stderr(b_e @ Ginv @ b_e.T, counts[:, None] * counts[None, :])
+    se_l = math.sqrt(max(se_l**2 - se_g_jack**2, 0.0) + se_g**2)
     if s_true is None:
         l2 = grad + sol_value
 
