@@ -19,6 +19,7 @@ from gradscore.diagnostics import (
     solenoidal_error,
 )
 from gradscore.diagnostics.estimate import jackknife, ustat_stderr
+from gradscore.diagnostics.kl import trapezoid_weights
 from gradscore.diagnostics.projection import feature_decomposition
 from gradscore.toy import GaussianMixture, add_zero_effect
 
@@ -222,6 +223,14 @@ def test_kl_bounds_zero_effect_and_ordering():
     assert kl2["prior"].extra["kind"] == "convexity_bound"
     assert kl2["prior"].value < kl2["gradient"].value <= kl2["girsanov"].value
     assert len(kl2["integrand_gradient"]) == len(times)
+    # the bounds' standard errors are the quadrature of the prior term's and the per-time ones (trapezoid weights
+    # times g^2 / 2): the per-time errors are calibrated over seeds in test_diagnostics_dimensions.py, the bounds
+    # themselves in benchmarks/kl_stderr_calibration.py (BENCHMARKS.md); exact up to float rounding
+    w, half_g2 = trapezoid_weights(times), 0.5 * sde.g2(times.double()).double()
+    for name, key in (("gradient", "gradient_error"), ("girsanov", "l2_error")):
+        se = torch.tensor([e.stderr for e in kl2[key]], dtype=torch.float64) * half_g2
+        expect = math.sqrt(kl2["prior"].stderr ** 2 + float(((w * se) ** 2).sum()))
+        assert abs(kl2[name].stderr - expect) < 1e-9 * expect, (name, kl2[name].stderr, expect)
 
 
 def test_prior_convexity_bound_dominates_exact():
