@@ -34,6 +34,8 @@ LIKELIHOOD_COST = (pathlib.Path(__file__).parent / "likelihood_cost.md").read_te
 DIAGNOSTICS_COST = (pathlib.Path(__file__).parent / "diagnostics_cost.md").read_text()
 # The diagnostics' standard errors against their spread over seeds (benchmarks/kl_stderr_calibration.py), kept verbatim.
 STDERR_CALIBRATION = (pathlib.Path(__file__).parent / "stderr_calibration.md").read_text()
+# The time ratios under bf16 autocast (run.py --bf16 beside run.py --times-only), kept verbatim.
+BF16 = (pathlib.Path(__file__).parent / "bf16.md").read_text()
 
 
 def _f(v, fmt="{:.2f}"):
@@ -288,5 +290,5 @@ def markdown(results, command: str) -> str:
                 "and it needs no sampler, which is what makes it cheap where sampling is expensive (a UNet, many "
                 "steps). It also answers a different question: it sees only the observable part of the error at one t.",
                 ""]
-    out += [DUAL_SOBOLEV_STABILITY, LIKELIHOOD_COST, DIAGNOSTICS_COST, STDERR_CALIBRATION]
+    out += [DUAL_SOBOLEV_STABILITY, LIKELIHOOD_COST, DIAGNOSTICS_COST, STDERR_CALIBRATION, BF16]
     return "\n".join(out)

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py            # full run (~5-8 min on 2 cores), writes BENCHMARKS.md
     python benchmarks/run.py --quick    # < 1 min; prints the tables, then ONE JSON line of time ratios
-    python benchmarks/run.py --bf16     # the same ratios with every loss under bf16 autocast (all cases)
+    python benchmarks/run.py --times-only [--bf16]   # every case's time ratios (under bf16 autocast), no report
 
 Cases: ``TimeMLP`` on the 2-D ring8 mixture; diffusers ``UNet2DModel`` (block_out_channels (32, 64),
 mid attention) at 16x16 and 32x32, batch 32. Objectives come from ``gradscore.OBJECTIVES``
@@ -131,9 +131,11 @@ def main(argv=None):
                     help="torch.set_num_threads (default 1: robust on a shared machine)")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="report written by the full run")
     ap.add_argument("--case", default="unet16", choices=list(CASES), help="case of the final JSON line")
-    ap.add_argument("--bf16", action="store_true",
-                    help="every loss under bf16 autocast (time ratios only; the report is not written)")
+    ap.add_argument("--times-only", action="store_true",
+                    help="every case at full rounds, time ratios only (no memory, FLOPs or extras; no report written)")
+    ap.add_argument("--bf16", action="store_true", help="every loss under bf16 autocast (implies --times-only)")
     args = ap.parse_args(argv)
+    args.times_only = args.times_only or args.bf16
 
     torch.set_num_threads(args.threads)
     pinned = measure.pin_malloc()
@@ -144,13 +146,12 @@ def main(argv=None):
     if args.case not in names:
         names.append(args.case)
     for name in names:
-        results["cases"][name] = run_case(name, args.quick, memory=not (args.quick or args.bf16),
-                                          flops=not (args.quick or args.bf16),
-                                          forms=(name == "unet16" and not (args.quick or args.bf16)), log=log,
-                                          bf16=args.bf16)
+        brief = args.quick or args.times_only
+        results["cases"][name] = run_case(name, args.quick, memory=not brief, flops=not brief,
+                                          forms=(name == "unet16" and not brief), log=log, bf16=args.bf16)
     if args.bf16:
         results["bf16"] = True
-    if not (args.quick or args.bf16):
+    if not (args.quick or args.times_only):
         results["critic_sweep"] = critic_sweep(log=log)
         log("[profile] unet16 l2 vs energy")
         results["profile"] = profile_split()
@@ -165,7 +166,7 @@ def main(argv=None):
         results["quality"] = quality_cost.run()
     results["seconds"] = time.perf_counter() - started
     print(benchmarks_md.tables(results))
-    if not (args.quick or args.bf16):
+    if not (args.quick or args.times_only):
         cmd = "python benchmarks/run.py" + (f" --threads {args.threads}" if args.threads != 1 else "")
         with open(args.out, "w") as f:
             f.write(benchmarks_md.markdown(results, cmd))
