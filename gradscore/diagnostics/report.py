@@ -55,16 +55,32 @@ def _plot(result: dict, path: str) -> None:
     t = [r["t"] for r in result["per_time"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     parts = (("l2", "L2 ||e||^2"), ("gradient", "gradient ||Pi_G e||^2"), ("solenoidal", "solenoidal ||Pi_S e||^2"))
+    rows = result["per_time"]
+    positive = [r[k] for r in rows for k, _ in parts if r[k] > 0]
+    floor = min(positive) / 10 if positive else 1e-12          # the band is clipped there, not at 0 (log scale)
     for key, label in parts:
-        v = [r[key] if r[key] > 0 else float("nan") for r in result["per_time"]]   # log scale: <= 0 not drawn
-        ax.plot(t, v, marker="o", ms=3, label=label)
+        v = [r[key] if r[key] > 0 else float("nan") for r in rows]          # log scale: <= 0 drawn as a limit
+        se = [r.get(f"{key}_stderr") or 0.0 for r in rows]
+        line, = ax.plot(t, v, marker="o", ms=3, label=label)
+        lo = [max(r[key] - 2 * e, floor) for r, e in zip(rows, se)]
+        hi = [max(r[key] + 2 * e, floor) for r, e in zip(rows, se)]
+        ax.fill_between(t, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        # an estimate <= 0 (a part near 0 within its noise): its upper 2-standard-error limit as a down triangle
+        lim = [(tk, r[key] + 2 * e) for tk, r, e in zip(t, rows, se) if r[key] <= 0 < r[key] + 2 * e]
+        if lim:
+            ax.plot(*zip(*lim), ls="none", marker="v", ms=6, mfc="none", color=line.get_color())
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("t")
     ax.set_ylabel("squared error under p_t")
+    ax.plot([], [], ls="none", marker="v", mfc="none", color="0.4", label="estimate <= 0: its +2 s.e. limit")
+    ax.fill_between([], [], [], color="0.4", alpha=0.15, lw=0, label="+- 2 standard errors")
     b = result["bounds"]
-    ax.set_title(f"KL bounds: Girsanov {b['girsanov']['value']:.3g}, gradient {b['gradient']['value']:.3g} "
-                 f"(prior {b['prior']['value']:.2g})", fontsize=9)
+    ax.set_title(f"KL bounds: Girsanov {b['girsanov']['value']:.3g} +- {b['girsanov']['stderr']:.2g}, "
+                 f"gradient {b['gradient']['value']:.3g} +- {b['gradient']['stderr']:.2g} "
+                 f"(prior {b['prior']['value']:.2g})"
+                 + (f"; {result['bits_per_dim']['value']:.3g} bits/dim" if result.get("bits_per_dim") else ""),
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
