@@ -6,6 +6,7 @@ first checkpoint and resumed by the runner must end with exactly the weights of 
 (max abs difference 0: same ops in the same order on one thread).
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -227,3 +228,60 @@ def test_image_report_puts_per_class_numbers_in_a_table_of_their_own():
     assert lines[0].startswith("Per-class accuracy")
     assert lines[2].splitlines() == ["| objective | 0 | 1 |", "|---|---|---|", "| l2 | 0.5 ± 0.354 | 0.7 ± 0.0707 |"]
     assert _per_class_table([{"label": "l2", "quality/classifier_fd": "1"}]) == []
+
+
+def test_digits_study_config_validates():
+    """configs/ablations/digits_study.yaml: 3 objectives x 2 seeds x 2 widths (x 3 checkpoints each: 36 models),
+    every run under the same budget, the image study's quality and a sane assessment size."""
+    ab = load_ablation(os.path.join(ROOT, "configs", "ablations", "digits_study.yaml"))
+    assert len(ab.runs()) == 12 and {r.objective for r in ab.runs()} == {"l2", "energy", "l2+dual_sobolev"}
+    assert {tuple(r.config.model.block_out_channels) for r in ab.runs()} == {(16, 32), (32, 64)}
+    assert {r.config.train.max_steps // r.config.train.checkpoint_every for r in ab.runs()} == {3}
+    assert ab.schema.study.quality == "classifier_fd" and ab.schema.assessment.num_data >= 8 * 64
+
+
+def test_image_study_tiny_grid(tmp_path):
+    """The digits study end to end on a tiny grid (2 objectives x 1 seed x 4 steps, a checkpoint at 2 and 4):
+    every checkpoint assessed alike (classifier FD with its floor, coverage, the neural diagnostics, both bounds,
+    bits/dim, the cost of each), perturbed copies of the first run's model in pixel space, the correlation
+    tables (all models, trained alone) and sample grids in the report. The numbers of so small a run mean
+    nothing; the test checks that each is there, finite where it must be, and that assessments are cached."""
+    cfg = {
+        "name": "tiny_digits", "base": os.path.join(ROOT, "configs/digits/l2.yaml"),
+        "output_dir": str(tmp_path / "out"),
+        "objectives": {"l2": {}, "energy": {}}, "seeds": [0],
+        "overrides": {"train.max_steps": 4, "train.checkpoint_every": 2, "train.keep_checkpoints": 3,
+                      "train.batch_size": 16, "train.warmup_steps": 1, "model.block_out_channels": [16, 32],
+                      "critic.block_out_channels": [8, 16], "eval.num_samples": 8, "eval.sample_steps": 2,
+                      "eval.diag_times": [], "eval.classifier_cache": str(tmp_path / "cls")},
+        "launcher": {"kind": "inprocess", "threads": 1},
+        "assessment": {"num_samples": 64, "sample_steps": 10, "num_data": 512, "num_points": 512, "num_times": 3,
+                       "fit_steps": 5, "likelihood_samples": 4, "likelihood_rtol": 1e-2},
+        "study": {"quality": "classifier_fd", "rotations": [2.0], "gradient_errors": [0.5], "combinations": [],
+                  "bootstrap": 50},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    ab = load_ablation(str(path))
+    status = train_all(ab, progress=False)
+    assert set(status.values()) == {"trained"}, status
+    results = assess_all(ab, progress=False)
+    pop = results["population"]
+    assert [p["family"] for p in pop].count("trained") == 4 and {"rotation", "gradient"} <= {p["family"] for p in pop}
+    for p in pop:
+        assert math.isfinite(p["quality"]["classifier_fd"]) and p["quality"]["classifier_fd_floor"] >= 0
+        assert 0 <= p["quality"]["class_coverage"] <= 1
+        for k in ("dsm_l2", "gradient", "solenoidal", "kl_girsanov", "kl_gradient", "bits_per_dim"):
+            assert math.isfinite(p["predictors"][k]), (p["name"], k)
+        assert p["predictors"]["kl_gradient"] <= p["predictors"]["kl_girsanov"] + 1e-9
+        assert set(p["cost_s"]) == {"quality", "diagnostics", "likelihood"} and p["cost_s"]["diagnostics"] > 0
+    report, console = write_report(ab, results)
+    text = open(report).read()
+    assert "## Correlation study" in text and "Trained models alone (4" in text and "bits/dim" in text
+    assert "Spearman" in console
+    for obj in ("l2", "energy"):
+        assert f"| {obj} | 1/1 |" in text
+        assert os.path.isfile(os.path.join(ab.output_dir, f"samples-{obj}.png"))
+    assert os.path.isfile(os.path.join(ab.output_dir, "correlation.png"))
+    again = assess_all(ab, progress=False)["population"]
+    assert [p["predictors"] for p in again] == [p["predictors"] for p in pop]

@@ -39,14 +39,16 @@ from gradscore.sampling import sample
 
 from ..build import build_sde, load_trained
 from ..checkpoint import checkpoint_dirs, read_step
-from ..data import toy_mixture
+from ..data import build_source, toy_mixture
 from .config import Ablation, AssessmentConfig, RunSpec
 from .population import perturbed_scores
 from .runs import final_metrics_path
 
-__all__ = ["assess", "assess_all", "PREDICTORS"]
+__all__ = ["assess", "assess_images", "assess_all", "PREDICTORS", "IMAGE_PREDICTORS"]
 
 PREDICTORS = ("dsm_l2", "gradient", "solenoidal", "kl_girsanov", "kl_gradient", "siem")
+# images: no exact score, so no SIEM reference; bits/dim instead (NaN when assessment.likelihood_samples is 0)
+IMAGE_PREDICTORS = ("dsm_l2", "gradient", "solenoidal", "kl_girsanov", "kl_gradient", "bits_per_dim")
 
 
 def _finite(v: float) -> float | str:
@@ -74,6 +76,21 @@ def assess(score_fn, sde, mixture, ac: AssessmentConfig, samples_path: str | Non
     true = mixture.score_fn(sde)
     kl = kl_bounds(score_fn, sde, x0, times, true_score=true, log_prob_T=lambda z: mixture.log_prob(z, sde.T, sde),
                    method="features", num_points=ac.num_points, generator=g, options={"features": features})
+    per_time, predictors = _per_time_and_predictors(kl, sde, times)
+    s = siem(score_fn, sde, (ac.siem_particles, mixture.dim), reference_score=true, steps=ac.siem_steps,
+             generator=torch.Generator().manual_seed(ac.seed + 3))
+    predictors["siem"] = s.value
+    return {
+        "quality": {k: _finite(float(v)) for k, v in quality.items()},
+        "per_time": per_time,
+        "predictors": predictors,
+        "kl_prior": kl["prior"].value,
+        "stderr": {"kl_girsanov": kl["girsanov"].stderr, "kl_gradient": kl["gradient"].stderr,
+                   "kl_prior": kl["prior"].stderr, "siem": s.stderr},
+    }
+
+
+def _per_time_and_predictors(kl, sde, times) -> tuple[list, dict]:
     per_time = []
     for tk, ge, se, le in zip(kl["times"], kl["gradient_error"], kl["solenoidal_error"], kl["l2_error"]):
         # the solenoidal part is its own (noise-free) estimate, never L2 minus the gradient estimate
@@ -85,17 +102,64 @@ def assess(score_fn, sde, mixture, ac: AssessmentConfig, samples_path: str | Non
     def weighted(key):
         return float((w * sigma2 * torch.tensor([r[key] for r in per_time], dtype=torch.float64)).sum())
 
-    s = siem(score_fn, sde, (ac.siem_particles, mixture.dim), reference_score=true, steps=ac.siem_steps,
-             generator=torch.Generator().manual_seed(ac.seed + 3))
     predictors = {"dsm_l2": weighted("l2"), "gradient": weighted("gradient"), "solenoidal": weighted("solenoidal"),
-                  "kl_girsanov": kl["girsanov"].value, "kl_gradient": kl["gradient"].value, "siem": s.value}
+                  "kl_girsanov": kl["girsanov"].value, "kl_gradient": kl["gradient"].value}
+    return per_time, predictors
+
+
+def assess_images(score_fn, sde, source, ac: AssessmentConfig, eval_cfg, samples_path: str | None = None) -> dict:
+    """Assess an image model ``score_fn(x [B, *D], t [B]) -> [B, *D]`` on the data ``source`` (no exact score).
+
+    * ``quality``: ``classifier_fd`` (the Frechet distance in the features of ``gradscore.quality``'s digit
+      classifier) of ``ac.num_samples`` samples, its two-sample ``classifier_fd_floor`` and the classes the samples
+      depict (``class_coverage``, ``class_share/k``); the source needs labels;
+    * ``per_time`` and ``predictors`` as for toys, from the default (neural) decomposition at ``ac.num_times`` times
+      (``ac.fit_steps`` steps per network; L2 = gradient + solenoidal, without the true score), plus
+      ``bits_per_dim`` of ``ac.likelihood_samples`` data points (NaN when 0);
+    * ``cost_s``: wall seconds of the sample-based quality, of the diagnostics and of the likelihood.
+    """
+    from gradscore.diagnostics import bits_per_dim
+
+    from ..evaluation import draw_samples, likelihood_levels, quality
+
+    d = math.prod(source.shape)
+    if ac.num_data < 8 * d:
+        raise ValueError(f"assessment.num_data = {ac.num_data} is too few for images of {d} dimensions: the "
+                         f"neural decomposition's affine part needs at least 8 d = {8 * d} data points (its covariance "
+                         "inverse is biased by O(d / N), most at small t)")
+    if source.labels is None:
+        raise ValueError(f"the image assessment needs a labelled data set (its classifier Frechet distance); "
+                         f"{source.key()} has no labels")
+    t0 = time.perf_counter()
+    x = draw_samples(score_fn, sde, source.shape, ac.num_samples, ac.method, ac.sample_steps, ac.seed, "cpu")
+    if samples_path:
+        torch.save(x, samples_path)
+    q = {k.removeprefix("quality/"): v for k, v in quality(source, x, eval_cfg, seed=ac.seed + 1).items()}
+    t1 = time.perf_counter()
+    g = torch.Generator().manual_seed(ac.seed + 2)
+    x0 = source.sample_x0(ac.num_data, generator=g)
+    times = default_times(sde, ac.num_times)
+    kl = kl_bounds(score_fn, sde, x0, times, num_points=ac.num_points, generator=g, options={"steps": ac.fit_steps})
+    per_time, predictors = _per_time_and_predictors(kl, sde, times)
+    t2 = time.perf_counter()
+    predictors["bits_per_dim"] = float("nan")
+    stderr = {"kl_girsanov": kl["girsanov"].stderr, "kl_gradient": kl["gradient"].stderr,
+              "kl_prior": kl["prior"].stderr}
+    if ac.likelihood_samples:
+        xl = source.sample_x0(ac.likelihood_samples, generator=torch.Generator().manual_seed(ac.seed + 3))
+        bpd = bits_per_dim(score_fn, sde, xl, levels=likelihood_levels(source),
+                           generator=torch.Generator().manual_seed(ac.seed + 4), rtol=ac.likelihood_rtol,
+                           atol=ac.likelihood_rtol)
+        predictors["bits_per_dim"] = float(bpd.mean())
+        stderr["bits_per_dim"] = float(bpd.std() / bpd.numel() ** 0.5)
+    t3 = time.perf_counter()
     return {
-        "quality": {k: _finite(float(v)) for k, v in quality.items()},
+        "quality": {k: _finite(float(v)) for k, v in q.items()},
         "per_time": per_time,
         "predictors": predictors,
         "kl_prior": kl["prior"].value,
-        "stderr": {"kl_girsanov": kl["girsanov"].stderr, "kl_gradient": kl["gradient"].stderr,
-                   "kl_prior": kl["prior"].stderr, "siem": s.stderr},
+        "stderr": stderr,
+        "cost_s": {"quality": t1 - t0, "diagnostics": t2 - t1, "likelihood": t3 - t2},
     }
 
 
@@ -146,12 +210,24 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
     runs, population = [], []
     t0 = time.perf_counter()
     toy = all(r.config.data.kind == "toy" for r in ab.runs())
+    images = not toy and st.enabled and st.quality == "classifier_fd"      # the image study (issue 13)
+    if images and any(r.config.model.num_classes for r in ab.runs()):
+        raise ValueError("the image study assesses unconditional models; the ablation's base config has "
+                         "model.num_classes > 0")
+    sources = {}
+    base_model = None                   # images: the first finished run's final model, for the perturbed models
     for spec in ab.runs():
         info = _run_info(spec)
         runs.append(info)
-        if "final_metrics" not in info or not toy:
+        if "final_metrics" not in info or not (toy or images):
             continue
-        mixture = toy_mixture(spec.config.data)
+        if toy:
+            mixture = toy_mixture(spec.config.data)
+        else:
+            key_data = repr(spec.config.data)
+            if key_data not in sources:
+                sources[key_data] = build_source(spec.config.data)
+            mixture = sources[key_data]                                 # the image source, in the same slot
         ckpts = checkpoint_dirs(spec.run_dir)
         final_step = spec.config.train.max_steps
         for ck in ckpts:
@@ -165,10 +241,17 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
             def compute(spec=spec, ck=ck, mixture=mixture, folder=folder, keep=keep):
                 sde, model, _ = load_trained(spec.config, ck)
                 os.makedirs(folder, exist_ok=True)
-                return assess(model, sde, mixture, ac, samples_path=keep)
+                if toy:
+                    return assess(model, sde, mixture, ac, samples_path=keep)
+                return assess_images(model, sde, mixture, ac, spec.config.eval, samples_path=keep)
 
+            if progress:
+                print(f"[ablate] assessing {spec.run_id} @ {step}", flush=True)
             result = _cached(os.path.join(folder, f"{name}-{key}.json"), compute)
-            result.update({"name": f"{spec.run_id} @ {step}", "family": "trained", "step": step})
+            result.update({"name": f"{spec.run_id} @ {step}", "family": "trained", "step": step,
+                           "objective": spec.objective, "seed": spec.seed})
+            if images and step == final_step and base_model is None:
+                base_model = (spec, ck, mixture)
             if step == final_step:
                 info["assessment"] = result
                 info["samples_path"] = samples
@@ -182,6 +265,19 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
             result = _cached(os.path.join(ab.output_dir, "study", f"{safe}-{key}.json"),
                              lambda p=p: assess(p.score_fn, sde, mixture, ac))
             result.update({"name": p.name, "family": p.family, "a": p.a, "c": p.c})
+            population.append(result)
+    if images and base_model is not None:
+        # perturbations of a trained model in pixel space: s + c J s (J skew; approximately zero-effect, exactly so
+        # only for the exact score) and s + a A x (a gradient error), the same families as the toy study
+        spec0, ck0, source = base_model
+        sde, model, _ = load_trained(spec0.config, ck0)
+        for p in perturbed_scores(model, st.rotations, st.gradient_errors, st.combinations)[1:]:
+            safe = p.name.replace(" ", "_").replace("=", "").replace("+", "and")
+            if progress:
+                print(f"[ablate] assessing {spec0.run_id} + {p.name}", flush=True)
+            result = _cached(os.path.join(ab.output_dir, "study", f"{safe}-{key}.json"),
+                             lambda p=p: assess_images(p.score_fn, sde, source, ac, spec0.config.eval))
+            result.update({"name": f"{spec0.run_id} + {p.name}", "family": p.family, "a": p.a, "c": p.c})
             population.append(result)
     if progress:
         print(f"[ablate] assessed {len(population) or len(runs)} models in {time.perf_counter() - t0:.1f}s", flush=True)

@@ -53,13 +53,16 @@ class AssessmentConfig:
     siem_particles: int = 1000
     siem_steps: int = 300
     seed: int = 1234
+    fit_steps: int = 200            # images: optimizer steps of each network of the neural decomposition
+    likelihood_samples: int = 0     # images: data points for bits/dim (probability-flow ODE); 0: not a predictor
+    likelihood_rtol: float = 1e-5   # images: rtol = atol of the ODE solver of bits/dim
 
 
 @dataclass
 class StudyConfig:
     """The correlation study: trained checkpoints plus perturbed exact scores."""
     enabled: bool = True
-    quality: Literal["energy_distance", "sliced_wasserstein", "nll"] = "energy_distance"
+    quality: Literal["energy_distance", "sliced_wasserstein", "nll", "classifier_fd"] = "energy_distance"
     rotations: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])       # s + c J s
     gradient_errors: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])  # s + a grad phi
     combinations: list[list[float]] = field(default_factory=lambda: [[0.25, 2.0], [0.5, 1.0], [0.1, 4.0]])  # [a, c]

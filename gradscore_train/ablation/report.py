@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
+import torch
 
-from .assessment import PREDICTORS
+from .assessment import IMAGE_PREDICTORS, PREDICTORS
 from .config import Ablation
 from .study import correlation_table
 
@@ -18,10 +20,12 @@ __all__ = ["write_report", "summary_rows", "fmt_mean_std"]
 
 QUALITY_LABEL = {"energy_distance": "energy distance to fresh target samples",
                  "sliced_wasserstein": "sliced 2-Wasserstein distance to fresh target samples",
-                 "nll": "sample NLL under the target, E_q[-log p_0]"}
+                 "nll": "sample NLL under the target, E_q[-log p_0]",
+                 "classifier_fd": "Frechet distance in the digit classifier's features to held-out data"}
 PREDICTOR_LABEL = {"dsm_l2": "DSM / L2 error ∫σ²‖e‖²", "gradient": "gradient error ∫σ²‖Π_G e‖²",
                    "solenoidal": "solenoidal error ∫σ²‖Π_S e‖²", "kl_girsanov": "Girsanov KL bound",
-                   "kl_gradient": "gradient-only KL bound", "siem": "SIEM (QV, exact score subtracted)"}
+                   "kl_gradient": "gradient-only KL bound", "siem": "SIEM (QV, exact score subtracted)",
+                   "bits_per_dim": "bits/dim (probability-flow ODE)"}
 
 
 def _f(v) -> float:
@@ -61,7 +65,14 @@ def summary_rows(runs: list[dict], quality_key: str) -> list[dict]:
         fm = [r["final_metrics"] for r in done]
         row = {"label": label, "seeds": f"{len(done)}/{len(group)}",
                "failed": [r["run_id"] for r in group if r.get("failed")]}
-        if assessed:
+        if assessed and "classifier_fd" in assessed[0]["quality"]:      # the image study's own assessment
+            for k in ("classifier_fd", "classifier_fd_floor", "class_coverage"):
+                row[k] = fmt_mean_std([_f(a["quality"].get(k)) for a in assessed])
+            for k in IMAGE_PREDICTORS:
+                row[k] = fmt_mean_std([_f(a["predictors"][k]) for a in assessed])
+            for k in ("quality", "diagnostics", "likelihood"):
+                row[f"cost_{k}"] = fmt_mean_std([_f(a["cost_s"][k]) for a in assessed])
+        elif assessed:
             def q(k, assessed=assessed):
                 return [_f(a["quality"][k]) for a in assessed]
 
@@ -207,12 +218,13 @@ def plot_correlation(population, quality_key: str, table, path: str):
     plt = _plt()
     fams = list(dict.fromkeys(p["family"] for p in population))
     col = _colours(fams)
-    n = len(PREDICTORS)
+    keys = [row["predictor"] for row in table]
+    n = len(keys)
     cols = 3
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
     rho = {row["predictor"]: row for row in table}
-    for ax, key in zip(axes.flat, PREDICTORS):
+    for ax, key in zip(axes.flat, keys):
         for fam in fams:
             sel = [p for p in population if p["family"] == fam]
             y = np.array([_f(p["quality"][quality_key]) for p in sel])
@@ -283,6 +295,22 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
             header.insert(5, "model NLL")
             for r, b in zip(rows, body):
                 b.insert(5, r.get("model_nll", "-"))
+    elif any("classifier_fd" in r for r in rows):          # the image study: every model assessed alike
+        lines += [f"Quality: {QUALITY_LABEL['classifier_fd']} ({ac.num_samples} samples, reverse "
+                  f"{ac.method.upper()}, {ac.sample_steps} steps; `floor`: the same distance between two data "
+                  "samples of that size), and `coverage`, the fraction of the classes holding at least half a "
+                  "uniform share of the samples (by the same classifier). Diagnostics without the true score "
+                  f"(neural decomposition, {ac.fit_steps} steps per network) on {ac.num_times} times, "
+                  f"{ac.num_data} data points, {ac.num_points} points of p_t per time; errors are `∫ σ_t² ‖·‖² dt` "
+                  "with L2 = gradient + solenoidal; KL bounds in nats (prior term included); bits/dim of "
+                  f"{ac.likelihood_samples} data points (`-` when not measured). `cost s`: wall seconds per model of "
+                  "the sample-based quality / the diagnostics / the likelihood.", ""]
+        header = ["objective", "seeds", "classifier FD", "floor", "coverage", "DSM/L2", "gradient", "solenoidal",
+                  "KL Girsanov", "KL gradient", "bits/dim", "s/step", "wall s", "cost s (quality / diag. / lik.)"]
+        body = [[r["label"], r["seeds"], *[r.get(k, "-") for k in ("classifier_fd", "classifier_fd_floor",
+                 "class_coverage", *IMAGE_PREDICTORS)], r["sec_per_step"], r["wall_s"],
+                 " / ".join(r.get(f"cost_{k}", "-") for k in ("quality", "diagnostics", "likelihood"))]
+                for r in rows]
     else:
         lines += ["Quality and diagnostics as measured by the training loop at the end of each run "
                   "(`final_metrics.json`); no correlation study (it needs a target with an exact score).", ""]
@@ -293,8 +321,18 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
         body = [[r["label"], r["seeds"], *[r.get(k, "-") for k in qkeys], r["sec_per_step"], r["wall_s"]] for r in rows]
     table = _markdown_table(header, body)
     lines += [table, ""]
-    if not toy:
+    image_study = not toy and any("classifier_fd" in r for r in rows)
+    predictors = IMAGE_PREDICTORS if image_study else PREDICTORS
+    if not toy and not image_study:
         lines += _per_class_table(rows)
+    if image_study:
+        from ..evaluation import save_grid
+        for r in runs:
+            path = r.get("samples_path")
+            if r.get("seed") == ab.schema.seeds[0] and path and os.path.isfile(path):
+                name = "samples-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", r["label"].replace("=", "")).strip("_") + ".png"
+                save_grid(torch.load(path, weights_only=True)[:64], os.path.join(out, name))
+                lines += [f"Samples of `{r['label']}` (seed {r['seed']}):", "", f"![{r['label']}]({name})", ""]
     if toy and any("model_nll" in r for r in rows):
         lines += ["`model NLL`: the trained model's NLL of target samples, E_p[-log q] in nats, by the "
                   "probability-flow ODE (`eval.likelihood`; the target's entropy is what the exact score gives).", ""]
@@ -321,16 +359,22 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
 
     console = ["", f"Ablation {ab.schema.name}: quality and diagnostics per objective (mean ± std over seeds)", table]
     if st.enabled and population:
-        corr = correlation_table(population, qk, PREDICTORS, st.bootstrap, st.confidence)
+        corr = correlation_table(population, qk, predictors, st.bootstrap, st.confidence)
         fam_counts = {}
         for p in population:
             fam_counts[p["family"]] = fam_counts.get(p["family"], 0) + 1
+        what = ("`trained`: every kept checkpoint of every run; `rotation`: the exact score plus a zero-effect "
+                f"field c J grad log p_t (c in {st.rotations}); `gradient`: the exact score plus a grad phi with "
+                f"phi = x^T diag(1,-1) x / 2 (a in {st.gradient_errors}); `combination`: both "
+                f"([a, c] in {st.combinations}).")
+        if image_study:
+            what = ("`trained`: every kept checkpoint of every run; `rotation`: the first run's final model s plus "
+                    f"c J s for a skew J in pixel space (c in {st.rotations}; zero-effect only for the exact score, "
+                    "so approximately); `gradient`: s plus a A x with A = diag(1, -1, ...) over the pixel columns "
+                    f"(a in {st.gradient_errors}); `combination`: both ([a, c] in {st.combinations}).")
         lines += ["## Correlation study", "",
                   f"Population: {len(population)} models ({', '.join(f'{v} {k}' for k, v in fam_counts.items())}). "
-                  "`trained`: every kept checkpoint of every run; `rotation`: the exact score plus a zero-effect "
-                  f"field c J grad log p_t (c in {st.rotations}); `gradient`: the exact score plus a grad phi with "
-                  f"phi = x^T diag(1,-1) x / 2 (a in {st.gradient_errors}); `combination`: both "
-                  f"([a, c] in {st.combinations}).", "",
+                  + what, "",
                   f"Quality: {QUALITY_LABEL[qk]} (lower is better; not one of the predictors). Spearman rank "
                   f"correlation between quality and each predictor, {int(st.confidence * 100)}% percentile bootstrap "
                   "interval over "
@@ -351,10 +395,19 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
                       "the two apart.", ""]
         if plot_correlation(population, qk, corr, os.path.join(out, "correlation.png")):
             lines += ["![correlation](correlation.png)", ""]
+        if image_study:
+            trained = [p for p in population if p["family"] == "trained"]
+            if len(trained) >= 3 and len(trained) < len(population):
+                corr_t = correlation_table(trained, qk, predictors, st.bootstrap, st.confidence)
+                lines += [f"Trained models alone ({len(trained)}, no perturbations):", "",
+                          _markdown_table(["predictor", "Spearman rho", f"{int(st.confidence * 100)}% CI", "n"],
+                                          [[PREDICTOR_LABEL[r["predictor"]], fmt(r["spearman"]),
+                                            f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", str(r["n"])]
+                                           for r in corr_t]), ""]
         lines += ["### Every model of the population", "",
-                  _markdown_table(["model", "family", qk, *PREDICTORS],
+                  _markdown_table(["model", "family", qk, *predictors],
                                   [[p["name"], p["family"], fmt(_f(p["quality"][qk])),
-                                    *[fmt(p["predictors"][k]) for k in PREDICTORS]] for p in population]), ""]
+                                    *[fmt(p["predictors"][k]) for k in predictors]] for p in population]), ""]
         console += ["", f"Correlation study ({len(population)} models; quality = {qk}): Spearman rho [CI]", ctab]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
