@@ -383,8 +383,10 @@ class Trainer:
             points = ev.diag_points
             if budget.limited and points > 512:            # a pilot's fixed cost would exceed the savings
                 calls = len(ev.diag_times) * (3 if true is not None else 2)
+                # never below the data points: each of them is noised at least once, so fewer "points" would be
+                # reported than are evaluated
                 fitted = fit_points(points, calls, self._diagnostic_cost(model, x0, min(points, 128)),
-                                    budget.remaining())
+                                    budget.remaining(), min_points=max(128, x0.shape[0]))
                 if fitted != points:
                     log.info("evaluation at step %d (budget %.0f s): diagnostics on %d points instead of %d",
                              step, budget.seconds, fitted, points)
