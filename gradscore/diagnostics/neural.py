@@ -220,7 +220,7 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
                       f"needs at least ~{math.ceil(4 * d_flat / 0.6)} (0.6 N >= 4 d), or its value can be far off, "
                       "most at small t", stacklevel=2)
     if path_nodes is None:
-        path_nodes = 24 if x0[0].numel() <= 8 else 8
+        path_nodes = 24 if d_flat <= 8 else 8
     num_points = 2**14 if num_points is None else int(num_points)
     n_noise = max(1, math.ceil(num_points / N))
     sigma = float(sde.sigma(torch.tensor(t, dtype=torch.float64)))

@@ -222,12 +222,12 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
         if "final_metrics" not in info or not (toy or images):
             continue
         if toy:
-            mixture = toy_mixture(spec.config.data)
-        else:
+            target = toy_mixture(spec.config.data)
+        else:                                                           # images: the data source, built once
             key_data = repr(spec.config.data)
             if key_data not in sources:
                 sources[key_data] = build_source(spec.config.data)
-            mixture = sources[key_data]                                 # the image source, in the same slot
+            target = sources[key_data]
         ckpts = checkpoint_dirs(spec.run_dir)
         final_step = spec.config.train.max_steps
         for ck in ckpts:
@@ -238,12 +238,12 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
             samples = os.path.join(folder, f"samples-{name}-{key}.pt")
             keep = samples if step == final_step else None                 # samples of the final checkpoint only
 
-            def compute(spec=spec, ck=ck, mixture=mixture, folder=folder, keep=keep):
+            def compute(spec=spec, ck=ck, target=target, folder=folder, keep=keep):
                 sde, model, _ = load_trained(spec.config, ck)
                 os.makedirs(folder, exist_ok=True)
                 if toy:
-                    return assess(model, sde, mixture, ac, samples_path=keep)
-                return assess_images(model, sde, mixture, ac, spec.config.eval, samples_path=keep)
+                    return assess(model, sde, target, ac, samples_path=keep)
+                return assess_images(model, sde, target, ac, spec.config.eval, samples_path=keep)
 
             if progress:
                 print(f"[ablate] assessing {spec.run_id} @ {step}", flush=True)
@@ -251,34 +251,36 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
             result.update({"name": f"{spec.run_id} @ {step}", "family": "trained", "step": step,
                            "objective": spec.objective, "seed": spec.seed})
             if images and step == final_step and base_model is None:
-                base_model = (spec, ck, mixture)
+                base_model = (spec, ck, target)
             if step == final_step:
                 info["assessment"] = result
                 info["samples_path"] = samples
             if st.enabled:
                 population.append(result)
+    members = []          # the perturbed models: (name, Perturbed, assess it)
     if st.enabled and toy and ab.runs():
         spec0 = ab.runs()[0]
         sde, mixture = build_sde(spec0.config), toy_mixture(spec0.config.data)
-        for p in perturbed_scores(mixture.score_fn(sde), st.rotations, st.gradient_errors, st.combinations):
-            safe = p.name.replace(" ", "_").replace("=", "").replace("+", "and")
-            result = _cached(os.path.join(ab.output_dir, "study", f"{safe}-{key}.json"),
-                             lambda p=p: assess(p.score_fn, sde, mixture, ac))
-            result.update({"name": p.name, "family": p.family, "a": p.a, "c": p.c})
-            population.append(result)
+        members = [(p.name, p, lambda p: assess(p.score_fn, sde, mixture, ac))
+                   for p in perturbed_scores(mixture.score_fn(sde), st.rotations, st.gradient_errors,
+                                             st.combinations)]
     if images and base_model is not None:
         # perturbations of a trained model in pixel space: s + c J s (J skew; approximately zero-effect, exactly so
-        # only for the exact score) and s + a A x (a gradient error), the same families as the toy study
+        # only for the exact score) and s + a A x (a gradient error), the same families as the toy study; the
+        # unperturbed model is in the population already, as a trained checkpoint
         spec0, ck0, source = base_model
         sde, model, _ = load_trained(spec0.config, ck0)
-        for p in perturbed_scores(model, st.rotations, st.gradient_errors, st.combinations)[1:]:
-            safe = p.name.replace(" ", "_").replace("=", "").replace("+", "and")
-            if progress:
-                print(f"[ablate] assessing {spec0.run_id} + {p.name}", flush=True)
-            result = _cached(os.path.join(ab.output_dir, "study", f"{safe}-{key}.json"),
-                             lambda p=p: assess_images(p.score_fn, sde, source, ac, spec0.config.eval))
-            result.update({"name": f"{spec0.run_id} + {p.name}", "family": p.family, "a": p.a, "c": p.c})
-            population.append(result)
+        members = [(f"{spec0.run_id} + {p.name}", p, lambda p: assess_images(p.score_fn, sde, source, ac,
+                                                                              spec0.config.eval))
+                   for p in perturbed_scores(model, st.rotations, st.gradient_errors, st.combinations)[1:]]
+    for name, p, assess_one in members:
+        safe = p.name.replace(" ", "_").replace("=", "").replace("+", "and")
+        if progress and images:
+            print(f"[ablate] assessing {name}", flush=True)
+        result = _cached(os.path.join(ab.output_dir, "study", f"{safe}-{key}.json"),
+                         lambda f=assess_one, p=p: f(p))
+        result.update({"name": name, "family": p.family, "a": p.a, "c": p.c})
+        population.append(result)
     if progress:
         print(f"[ablate] assessed {len(population) or len(runs)} models in {time.perf_counter() - t0:.1f}s", flush=True)
     return {"runs": runs, "population": population}

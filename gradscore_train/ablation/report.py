@@ -107,6 +107,13 @@ def _per_class_table(rows: list[dict]) -> list[str]:
     return []
 
 
+def _correlation_markdown(corr: list[dict], confidence: float) -> str:
+    """The rows of ``study.correlation_table`` as a markdown table (predictor, Spearman rho, interval, n)."""
+    return _markdown_table(["predictor", "Spearman rho", f"{int(confidence * 100)}% CI", "n"],
+                           [[PREDICTOR_LABEL[r["predictor"]], fmt(r["spearman"]),
+                             f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", str(r["n"])] for r in corr])
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -258,6 +265,8 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
     spec0 = ab.runs()[0]
     cfg = spec0.config
     toy = cfg.data.kind == "toy"
+    image_study = not toy and any("classifier_fd" in r for r in rows)
+    predictors = IMAGE_PREDICTORS if image_study else PREDICTORS
 
     wall = sum(_f(r.get("wall_s")) for r in runs if r.get("wall_s"))
     backbone = (f"(hidden {cfg.model.hidden}, depth {cfg.model.depth})" if cfg.model.kind == "mlp"
@@ -295,7 +304,7 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
             header.insert(5, "model NLL")
             for r, b in zip(rows, body):
                 b.insert(5, r.get("model_nll", "-"))
-    elif any("classifier_fd" in r for r in rows):          # the image study: every model assessed alike
+    elif image_study:                                     # the image study: every model assessed alike
         lines += [f"Quality: {QUALITY_LABEL['classifier_fd']} ({ac.num_samples} samples, reverse "
                   f"{ac.method.upper()}, {ac.sample_steps} steps; `floor`: the same distance between two data "
                   "samples of that size), and `coverage`, the fraction of the classes holding at least half a "
@@ -321,8 +330,6 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
         body = [[r["label"], r["seeds"], *[r.get(k, "-") for k in qkeys], r["sec_per_step"], r["wall_s"]] for r in rows]
     table = _markdown_table(header, body)
     lines += [table, ""]
-    image_study = not toy and any("classifier_fd" in r for r in rows)
-    predictors = IMAGE_PREDICTORS if image_study else PREDICTORS
     if not toy and not image_study:
         lines += _per_class_table(rows)
     if image_study:
@@ -363,11 +370,12 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
         fam_counts = {}
         for p in population:
             fam_counts[p["family"]] = fam_counts.get(p["family"], 0) + 1
-        what = ("`trained`: every kept checkpoint of every run; `rotation`: the exact score plus a zero-effect "
-                f"field c J grad log p_t (c in {st.rotations}); `gradient`: the exact score plus a grad phi with "
-                f"phi = x^T diag(1,-1) x / 2 (a in {st.gradient_errors}); `combination`: both "
-                f"([a, c] in {st.combinations}).")
-        if image_study:
+        if not image_study:
+            what = ("`trained`: every kept checkpoint of every run; `rotation`: the exact score plus a zero-effect "
+                    f"field c J grad log p_t (c in {st.rotations}); `gradient`: the exact score plus a grad phi with "
+                    f"phi = x^T diag(1,-1) x / 2 (a in {st.gradient_errors}); `combination`: both "
+                    f"([a, c] in {st.combinations}).")
+        else:
             what = ("`trained`: every kept checkpoint of every run; `rotation`: the first run's final model s plus "
                     f"c J s for a skew J in pixel space (c in {st.rotations}; zero-effect only for the exact score, "
                     "so approximately); `gradient`: s plus a A x with A = diag(1, -1, ...) over the pixel columns "
@@ -379,9 +387,7 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
                   f"correlation between quality and each predictor, {int(st.confidence * 100)}% percentile bootstrap "
                   "interval over "
                   f"{st.bootstrap} resamples of the models. A good predictor has a large positive correlation.", ""]
-        ctab = _markdown_table(["predictor", "Spearman rho", f"{int(st.confidence * 100)}% CI", "n"],
-                               [[PREDICTOR_LABEL[r["predictor"]], fmt(r["spearman"]),
-                                 f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", str(r["n"])] for r in corr])
+        ctab = _correlation_markdown(corr, st.confidence)
         lines += [ctab, ""]
         ranked = sorted((r for r in corr if not math.isnan(r["spearman"])), key=lambda r: -r["spearman"])
         if ranked:
@@ -400,10 +406,7 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
             if len(trained) >= 3 and len(trained) < len(population):
                 corr_t = correlation_table(trained, qk, predictors, st.bootstrap, st.confidence)
                 lines += [f"Trained models alone ({len(trained)}, no perturbations):", "",
-                          _markdown_table(["predictor", "Spearman rho", f"{int(st.confidence * 100)}% CI", "n"],
-                                          [[PREDICTOR_LABEL[r["predictor"]], fmt(r["spearman"]),
-                                            f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", str(r["n"])]
-                                           for r in corr_t]), ""]
+                          _correlation_markdown(corr_t, st.confidence), ""]
         lines += ["### Every model of the population", "",
                   _markdown_table(["model", "family", qk, *predictors],
                                   [[p["name"], p["family"], fmt(_f(p["quality"][qk])),
