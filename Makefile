@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # so a module's fixtures are built once
 TEST_WORKERS ?= 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo study bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: install
 
 demo: install
 	$(PY) -m gradscore_train.ablate configs/ablations/toy.yaml
+
+# the correlation study on real images (issue 13): trains 12 digits models, assesses 41; resumable
+study: install
+	$(PY) -m gradscore_train.ablate configs/ablations/digits_study.yaml
 
 bench: install
 	$(PY) benchmarks/run.py

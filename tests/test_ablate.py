@@ -238,6 +238,9 @@ def test_digits_study_config_validates():
     assert {tuple(r.config.model.block_out_channels) for r in ab.runs()} == {(16, 32), (32, 64)}
     assert {r.config.train.max_steps // r.config.train.checkpoint_every for r in ab.runs()} == {3}
     assert ab.schema.study.quality == "classifier_fd" and ab.schema.assessment.num_data >= 8 * 64
+    large = load_ablation(os.path.join(ROOT, "configs", "ablations", "digits_study_large.yaml"))
+    assert len(large.runs()) == 45 and large.schema.study.quality == "classifier_fd"
+    assert {r.config.train.max_steps // r.config.train.checkpoint_every for r in large.runs()} == {4}
 
 
 def test_image_study_tiny_grid(tmp_path):
@@ -255,8 +258,8 @@ def test_image_study_tiny_grid(tmp_path):
                       "critic.block_out_channels": [8, 16], "eval.num_samples": 8, "eval.sample_steps": 2,
                       "eval.diag_times": [], "eval.classifier_cache": str(tmp_path / "cls")},
         "launcher": {"kind": "inprocess", "threads": 1},
-        "assessment": {"num_samples": 64, "sample_steps": 10, "num_data": 512, "num_points": 512, "num_times": 3,
-                       "fit_steps": 5, "likelihood_samples": 4, "likelihood_rtol": 1e-2},
+        "assessment": {"num_samples": 64, "sample_steps": 10, "num_data": 512, "num_points": 1024, "num_times": 3,
+                       "fit_steps": 5, "solenoidal_points": 512, "likelihood_samples": 4, "likelihood_rtol": 1e-2},
         "study": {"quality": "classifier_fd", "rotations": [2.0], "gradient_errors": [0.5], "combinations": [],
                   "bootstrap": 50},
     }

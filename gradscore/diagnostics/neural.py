@@ -183,7 +183,8 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
                          steps: int = 500, batch_size: int = 512, lr: float = 2e-3, path_nodes: int | None = None,
                          critic: Critic | None = None, potential: Critic | None = None, true_score=None,
                          generator: torch.Generator | None = None, seed: int = 0, chunk: int = 2048,
-                         gram_points: int | None = None, n_blocks: int = 10, **cond) -> dict:
+                         gram_points: int | None = None, n_blocks: int = 10, solenoidal_points: int | None = None,
+                         **cond) -> dict:
     """Gradient / solenoidal / L2 parts of the score error at one time ``t`` (see the module docstring).
 
     Args:
@@ -199,6 +200,10 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
         gram_points: points of ``p_t`` (fresh noise on the fit and validation data points) for the covariance
             of the affine part (default ``max(2^15, 16 d)``); n_blocks: blocks of held-out data points of its
             U-statistic.
+        solenoidal_points: of the ``num_points``, how many step 1 (the projection of ``s``, hence the solenoidal
+            part) uses: the first ``ceil(solenoidal_points / N)`` noises of every data point (default: all). Step 1
+            costs ``1 + 3 path_nodes`` model evaluations a point where step 2 costs one, and its value is far less
+            noisy than the gradient part's, so fewer points there buy the same error bars for less.
         generator: every draw (split, noise, batches) uses it; it must be on ``x0``'s device.
         cond: per-sample conditioning tensors ``[N, ...]`` passed to ``score_fn``.
     Returns:
@@ -223,6 +228,7 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
         path_nodes = 24 if d_flat <= 8 else 8
     num_points = 2**14 if num_points is None else int(num_points)
     n_noise = max(1, math.ceil(num_points / N))
+    n_sol = n_noise if solenoidal_points is None else min(n_noise, max(1, math.ceil(int(solenoidal_points) / N)))
     sigma = float(sde.sigma(torch.tensor(t, dtype=torch.float64)))
     alpha = float(sde.alpha(torch.tensor(t, dtype=torch.float64)))
     center = alpha * x0.float().mean(0)
@@ -236,25 +242,29 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
         c = repeat_cond(select_cond(cond, idx), n_noise)
         s = evaluate(score_fn, xt, t, chunk, **c)
         h = None
+        rows = n_sol * idx.numel()                  # step 1's points: the first n_sol noises of every data point
         if path_nodes:
             hs = []
-            for c0 in range(0, xt.shape[0], chunk):
-                xb = xt[c0:c0 + chunk]
+            for c0 in range(0, rows, chunk):
+                xb = xt[c0:min(c0 + chunk, rows)]
                 tb = torch.full((xb.shape[0],), t, dtype=xb.dtype, device=dev)
                 hs.append(path_potential_gradient(score_fn, xb, tb, center, path_nodes,
-                                                  **{k: v[c0:c0 + chunk] for k, v in c.items()}))
+                                                  **{k: v[c0:c0 + xb.shape[0]] for k, v in c.items()}))
             h = torch.cat(hs).flatten(1).double()
         true = evaluate(true_score, xt, t, chunk, **c).flatten(1).double() if true_score is not None else None
         pts[name] = dict(x=xt.float(), xf=xt.flatten(1).double(), s=s.flatten(1).double(),
                          h=h, true=true, n=idx.numel())
-    A = {k: torch.cat([pts["fit"][k], pts["val"][k]]) for k in ("xf", "s")}
+    # step 1 on its points (a view when n_sol = n_noise); step 2 below uses all of pts
+    sub = {name: {**{k: p[k][:n_sol * p["n"]] for k in ("x", "xf", "s")}, "h": p["h"], "n": p["n"]}
+           for name, p in pts.items()}
+    A = {k: torch.cat([sub["fit"][k], sub["val"][k]]) for k in ("xf", "s")}
     mom = Moments.of(A["xf"])
 
     # --- 1. noise-free projection of s onto gradient fields: beta grad U_s + affine + grad U (fitted on fit/val)
     a_s = AffineGradient.project(A["xf"], A["s"], mom)
     beta, a = 0.0, a_s
     if path_nodes:
-        hA = torch.cat([pts["fit"]["h"], pts["val"]["h"]])
+        hA = torch.cat([sub["fit"]["h"], sub["val"]["h"]])
         a_h = AffineGradient.project(A["xf"], hA, mom)
         rs, rh = A["s"] - a_s(A["xf"]), hA - a_h(A["xf"])
         denom = float(rh.pow(2).sum())
@@ -265,25 +275,25 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
     def projected(p):                                          # beta grad U_s + a, before the network
         return a(p["xf"]) + (beta * p["h"] if path_nodes else 0.0)
 
-    for p in pts.values():
+    for p in sub.values():
         p["rho"] = p["s"] - projected(p)
-    left = float(pts["fit"]["rho"].pow(2).sum(1).mean()) / max(float(pts["fit"]["s"].pow(2).sum(1).mean()), 1e-300)
+    left = float(sub["fit"]["rho"].pow(2).sum(1).mean()) / max(float(sub["fit"]["s"].pow(2).sum(1).mean()), 1e-300)
     if left < 1e-12:                # beta grad U_s + a already is the model (to rounding): nothing left to fit
         potential = None
     else:
         potential = potential if potential is not None else default_critic(x0[:2], sde, seed)
         # the target is brought to the critic's natural size ~ 1 / sigma_t (its psi = psi~ / sigma_t), whatever the
         # size of what is left: a sharp score at small t is far larger, a near-gradient model's rest far smaller
-        scale = math.sqrt(left * float(pts["fit"]["s"].pow(2).sum(1).mean())) * sigma
-        potential = _fit(potential, pts["fit"]["x"], pts["fit"]["rho"] / scale,
-                         (pts["val"]["x"], pts["val"]["rho"] / scale), t, sigma, steps=steps, batch_size=batch_size,
+        scale = math.sqrt(left * float(sub["fit"]["s"].pow(2).sum(1).mean())) * sigma
+        potential = _fit(potential, sub["fit"]["x"], sub["fit"]["rho"] / scale,
+                         (sub["val"]["x"], sub["val"]["rho"] / scale), t, sigma, steps=steps, batch_size=batch_size,
                          lr=lr, generator=generator)
         if potential is not None:
             potential.output_scale = scale
-    for p in pts.values():
-        p["g"] = projected(p) + (_grad_field(potential, p["x"], t) if potential is not None else 0.0)
+    held_s = sub["held"]
+    g_held = projected(held_s) + (_grad_field(potential, held_s["x"], t) if potential is not None else 0.0)
+    sol_pt = (held_s["s"] - g_held).pow(2).sum(1)
     held = pts["held"]
-    sol_pt = (held["s"] - held["g"]).pow(2).sum(1)
 
     # --- 2. gradient part ||g - grad log p||^2 = affine part + the rest. The affine part is closed form and
     # noise-free (integration by parts: E[(g - grad log p)(x - m)^T] = E[g (x - m)^T] + I), as a U-statistic over
@@ -337,12 +347,13 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
         else:
             critic = None
 
-    rest, sol = _per_x0(rest_pt, n_noise, n), _per_x0(sol_pt, n_noise, n)
+    rest, sol = _per_x0(rest_pt, n_noise, n), _per_x0(sol_pt, n_sol, n)
 
     def se(v):
         return float(v.std() / math.sqrt(v.numel()))
 
-    common = {"t": t, "num_points": int(held["x"].shape[0]), "method": "neural", "path_beta": beta,
+    common = {"t": t, "num_points": int(held["x"].shape[0]), "solenoidal_points": int(sol_pt.numel()),
+              "method": "neural", "path_beta": beta,
               "potential_network": potential is not None, "critic_network": critic is not None}
     grad_value = affine_value + float(rest.mean())
     grad_se = math.sqrt(affine_se**2 + se(rest) ** 2)

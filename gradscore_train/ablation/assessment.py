@@ -114,7 +114,8 @@ def assess_images(score_fn, sde, source, ac: AssessmentConfig, eval_cfg, samples
       classifier) of ``ac.num_samples`` samples, its two-sample ``classifier_fd_floor`` and the classes the samples
       depict (``class_coverage``, ``class_share/k``); the source needs labels;
     * ``per_time`` and ``predictors`` as for toys, from the default (neural) decomposition at ``ac.num_times`` times
-      (``ac.fit_steps`` steps per network; L2 = gradient + solenoidal, without the true score), plus
+      (``ac.fit_steps`` steps per network, the solenoidal part on ``ac.solenoidal_points`` of the points; L2 =
+      gradient + solenoidal, without the true score), plus
       ``bits_per_dim`` of ``ac.likelihood_samples`` data points (NaN when 0);
     * ``cost_s``: wall seconds of the sample-based quality, of the diagnostics and of the likelihood.
     """
@@ -139,7 +140,8 @@ def assess_images(score_fn, sde, source, ac: AssessmentConfig, eval_cfg, samples
     g = torch.Generator().manual_seed(ac.seed + 2)
     x0 = source.sample_x0(ac.num_data, generator=g)
     times = default_times(sde, ac.num_times)
-    kl = kl_bounds(score_fn, sde, x0, times, num_points=ac.num_points, generator=g, options={"steps": ac.fit_steps})
+    kl = kl_bounds(score_fn, sde, x0, times, num_points=ac.num_points, generator=g,
+                   options={"steps": ac.fit_steps, "solenoidal_points": ac.solenoidal_points})
     per_time, predictors = _per_time_and_predictors(kl, sde, times)
     t2 = time.perf_counter()
     predictors["bits_per_dim"] = float("nan")

@@ -54,6 +54,7 @@ class AssessmentConfig:
     siem_steps: int = 300
     seed: int = 1234
     fit_steps: int = 200            # images: optimizer steps of each network of the neural decomposition
+    solenoidal_points: int | None = None   # images: of num_points, those of the solenoidal part (None: all)
     likelihood_samples: int = 0     # images: data points for bits/dim (probability-flow ODE); 0: not a predictor
     likelihood_rtol: float = 1e-5   # images: rtol = atol of the ODE solver of bits/dim
 

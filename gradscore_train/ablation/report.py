@@ -350,16 +350,16 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
     if failed:
         lines += ["Failed runs (non-finite loss; retried on the next invocation): " + ", ".join(failed), ""]
 
-    mixture = None
-    if toy:
-        from ..data import toy_mixture
-        mixture = toy_mixture(cfg.data)
-        figs = [("samples.png", "Samples per objective (first seed) over target samples",
-                 lambda p: plot_samples(runs, mixture, p)),
-                ("decomposition.png", "Per-time decomposition L2 = gradient + solenoidal (mean over seeds)",
+    if toy or image_study:
+        figs = [("decomposition.png", "Per-time decomposition L2 = gradient + solenoidal (mean over seeds)",
                  lambda p: plot_decomposition(runs, p)),
                 ("kl_vs_quality.png", "The two KL bounds against measured quality (one point per run)",
                  lambda p: plot_kl_vs_quality(runs, qk, p))]
+        if toy:
+            from ..data import toy_mixture
+            mixture = toy_mixture(cfg.data)
+            figs.insert(0, ("samples.png", "Samples per objective (first seed) over target samples",
+                            lambda p: plot_samples(runs, mixture, p)))
         for name, title, fn in figs:
             if fn(os.path.join(out, name)):
                 lines += [f"### {title}", "", f"![{title}]({name})", ""]
@@ -402,6 +402,14 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
         if plot_correlation(population, qk, corr, os.path.join(out, "correlation.png")):
             lines += ["![correlation](correlation.png)", ""]
         if image_study:
+            costs = {k: [_f(p["cost_s"][k]) for p in population if "cost_s" in p]
+                     for k in ("quality", "diagnostics", "likelihood")}
+            if costs["quality"]:
+                lines += [f"Cost per model (mean over {len(costs['quality'])}, wall seconds on this machine): the "
+                          f"sample-based quality {fmt(float(np.mean(costs['quality'])))} s; the diagnostics "
+                          f"{fmt(float(np.mean(costs['diagnostics'])))} s (one decomposition per time gives DSM/L2, "
+                          "the gradient and solenoidal parts and both KL bounds); bits/dim "
+                          f"{fmt(float(np.mean(costs['likelihood'])))} s.", ""]
             trained = [p for p in population if p["family"] == "trained"]
             if len(trained) >= 3 and len(trained) < len(population):
                 corr_t = correlation_table(trained, qk, predictors, st.bootstrap, st.confidence)
