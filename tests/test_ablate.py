@@ -53,6 +53,7 @@ def _write(tmp_path, **changes):
     ({"objectivs": ["l2"]}, "objectivs"),
     ({"launcher": {"kind": "inprocess", "paralel": 2}}, "launcher.paralel"),
     ({"assessment": {"num_samplez": 3}}, "assessment.num_samplez"),
+    ({"assessment": {"solenoidal_points": 0}}, "assessment.solenoidal_points"),
     ({"objectives": {"l3": {}}}, "l3"),
     ({"objectives": {"l2": {"weightin": "sigma2"}}}, "weightin"),
     ({"overrides": {"train.max_stepz": 3}}, "train.max_stepz"),

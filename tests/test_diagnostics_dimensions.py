@@ -196,3 +196,10 @@ def test_conditioning_reaches_the_model():
                     y=y)
     assert abs(out["solenoidal"].value) < 0.005, out
     assert abs(out["gradient"].value - 0.09) < 0.1 * 0.09 + 3 * out["gradient"].stderr, out
+
+
+def test_solenoidal_points_must_be_positive():
+    """A non-positive share of points for the solenoidal part is refused by name, before any model evaluation."""
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="solenoidal_points"):
+        decompose(lambda x, t: -x, VPSDE(), x0, 0.3, num_points=256, options={"solenoidal_points": 0})

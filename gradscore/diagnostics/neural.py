@@ -228,7 +228,10 @@ def neural_decomposition(score_fn, sde: SDE, x0: torch.Tensor, t: float, *, num_
         path_nodes = 24 if d_flat <= 8 else 8
     num_points = 2**14 if num_points is None else int(num_points)
     n_noise = max(1, math.ceil(num_points / N))
-    n_sol = n_noise if solenoidal_points is None else min(n_noise, max(1, math.ceil(int(solenoidal_points) / N)))
+    if solenoidal_points is not None and int(solenoidal_points) < 1:
+        raise ValueError(f"solenoidal_points must be a positive number of points (or None: all), got "
+                         f"{solenoidal_points}")
+    n_sol = n_noise if solenoidal_points is None else min(n_noise, math.ceil(int(solenoidal_points) / N))
     sigma = float(sde.sigma(torch.tensor(t, dtype=torch.float64)))
     alpha = float(sde.alpha(torch.tensor(t, dtype=torch.float64)))
     center = alpha * x0.float().mean(0)

@@ -136,6 +136,10 @@ class Ablation:
             raise ConfigError(f"{where}: seeds must hold at least one seed")
         if len(set(s.seeds)) != len(s.seeds):
             raise ConfigError(f"{where}: seeds must be distinct, got {s.seeds}")
+        sp = s.assessment.solenoidal_points
+        if sp is not None and sp < 1:
+            raise ConfigError(f"{where}: assessment.solenoidal_points must be a positive number of points (or null: "
+                              f"all of num_points), got {sp}")
         for k, vals in s.grid.items():
             if not isinstance(vals, list) or not vals:
                 raise ConfigError(f"{where}: grid.{k} must be a non-empty list of values, got {vals!r}")
