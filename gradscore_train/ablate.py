@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if ab.schema.launcher.threads:
-        torch.set_num_threads(ab.schema.launcher.threads)
     if args.run_one is not None:
+        if ab.schema.launcher.threads:      # the run's threads; the assessment below uses every core
+            torch.set_num_threads(ab.schema.launcher.threads)
         status = train_one(ab.run(args.run_one))
         return 3 if status == "failed" else 0
     t0 = time.perf_counter()

@@ -144,6 +144,7 @@ class EvalConfig:
     use_ema: bool = True
     diag_times: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])   # []: no score diagnostics
     diag_fit_steps: int = 100       # optimizer steps of each network a score diagnostic fits (per time)
+    diag_solenoidal_points: int | None = None   # of diag_points, those of the solenoidal part (None: all)
     diag_samples: int = 512
     diag_points: int = 16384        # points of each diagnostic estimate (gradscore.diagnostics num_points)
     # time budget (gradscore_train/budget.py): an evaluation may take max(budget x the training time since the
@@ -330,6 +331,9 @@ def _check_values(cfg: Config, where: str):
             raise ConfigError(f"{where}: {key} must be >= 0, got {v}")
     if cfg.eval.diag_points < 1:
         raise ConfigError(f"{where}: eval.diag_points must be >= 1, got {cfg.eval.diag_points}")
+    if cfg.eval.diag_solenoidal_points is not None and cfg.eval.diag_solenoidal_points < 1:
+        raise ConfigError(f"{where}: eval.diag_solenoidal_points must be a positive number of points (or null: all "
+                          f"of eval.diag_points), got {cfg.eval.diag_solenoidal_points}")
     if cfg.eval.diag_fit_steps < 1:
         raise ConfigError(f"{where}: eval.diag_fit_steps must be >= 1, got {cfg.eval.diag_fit_steps}")
     if cfg.eval.budget is not None and not cfg.eval.budget > 0:

@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-times", type=int, default=8, help="points of the time grid")
     ap.add_argument("--num-points", type=int, default=None, help="model evaluations per time (default: the method's)")
     ap.add_argument("--fit-steps", type=int, default=500, help="optimizer steps of each network fitted per time")
+    ap.add_argument("--solenoidal-points", type=int, default=None,
+                    help="of the points per time, those the solenoidal part is estimated on (default: all; its path "
+                         "potential is most of the cost, docs/theory.md §6.6)")
     ap.add_argument("--likelihood-samples", type=int, default=128,
                     help="data points for the likelihood (bits/dim for images, NLL in nats for toys); 0: none")
     ap.add_argument("--seed", type=int, default=0)
@@ -93,10 +96,16 @@ def main(argv=None) -> int:
         true_score = mix.score_fn(sde)
         log_prob_T = lambda x: mix.log_prob(x, sde.T, sde)  # noqa: E731
     out = args.out or os.path.join(args.pretrained or args.checkpoint, "diagnostics")
+    options = {"steps": args.fit_steps}
+    if args.solenoidal_points is not None:
+        if args.solenoidal_points < 1:
+            ap.exit(2, f"diagnose: --solenoidal-points must be a positive number of points, got "
+                       f"{args.solenoidal_points}\n")
+        options["solenoidal_points"] = args.solenoidal_points
     extra = likelihood_metrics(model, sde, cfg, x0[: args.likelihood_samples], args.seed)
     result = diagnose(model, sde, x0, default_times(sde, args.num_times), out, true_score=true_score,
                       log_prob_T=log_prob_T, generator=torch.Generator().manual_seed(args.seed),
-                      num_points=args.num_points, options={"steps": args.fit_steps}, extra=extra)
+                      num_points=args.num_points, options=options, extra=extra)
     print(json.dumps({**result["bounds"], **extra}, indent=2))
     print(f"wrote {out}/diagnostics.json and {out}/diagnostics.png")
     return 0

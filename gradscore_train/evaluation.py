@@ -88,18 +88,20 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
 
 
 def score_diagnostics(score_model, sde, x0: torch.Tensor, times, true_score=None, generator=None,
-                      num_points: int = 2**14, fit_steps: int = 200) -> dict:
+                      num_points: int = 2**14, fit_steps: int = 200, solenoidal_points: int | None = None) -> dict:
     """Gradient, solenoidal and L2 errors at each ``t`` in ``times`` from one ``gradscore.diagnostics.decompose``
     per time (L2 exact for toys, with the exact score; else gradient + solenoidal), as metrics
     ``diag/<name>/t=<t>`` and ``diag/<name>_stderr/t=<t>``. A diagnostic that fails raises a ``RuntimeError``
     naming the time and the function (a missing number is worse than a stopped evaluation; the config's
-    ``eval.diag_times: []`` runs none). ``fit_steps``: optimizer steps of each network the decomposition fits."""
+    ``eval.diag_times: []`` runs none). ``fit_steps``: optimizer steps of each network the decomposition fits;
+    ``solenoidal_points``: of ``num_points``, those the solenoidal part is estimated on (None: all)."""
     from gradscore import diagnostics as D
     out = {}
     for t in map(float, times):
         try:
             parts = D.decompose(score_model, sde, x0, t, num_points=num_points, generator=generator,
-                                options={"steps": fit_steps})
+                                options={"steps": fit_steps} if solenoidal_points is None
+                                else {"steps": fit_steps, "solenoidal_points": solenoidal_points})
             if true_score is not None:
                 parts["l2"] = D.l2_error(score_model, sde, x0, t, true_score=true_score, num_points=num_points,
                                          generator=generator)

@@ -395,7 +395,8 @@ class Trainer:
             g_dev = torch.Generator(device=self.acc.device).manual_seed(micro_seed(cfg.train.seed, step, 96))
             out.update(evaluation.score_diagnostics(unconditional(cfg, model), self.sde, x0, ev.diag_times,
                                                     true_score=true, generator=g_dev, num_points=points,
-                                                    fit_steps=ev.diag_fit_steps))
+                                                    fit_steps=ev.diag_fit_steps,
+                                                    solenoidal_points=ev.diag_solenoidal_points))
             out["eval/diag_points"] = points
             bar.update()
         bar.close()
@@ -420,6 +421,33 @@ class Trainer:
                                      generator=g, num_points=points, fit_steps=10)
         return (time.perf_counter() - t0) / points            # one decomposition gives both parts
 
+    # ------------------------------------------------------------------------- one optimizer step
+    def _step(self, step: int, unwrapped):
+        """Optimizer step ``step`` (0-based): warm-up learning rate, the recipe's phases, the EMA update.
+        Returns the last phase's ``(loss, score-model grad norm, critic grad norm)``."""
+        set_step(step + 1)
+        scale = _lr_scale(step, self.cfg.train.warmup_steps)
+        for group, base in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = base * scale
+        # the recipe's phases in order (critic-only ones first, the joint one last); seed keys: the joint
+        # phase 0, the critic-only ones 1, 2, ... (the driver's keys before phases() existed)
+        for i, phase in enumerate(self.phases):
+            out = self._phase(step, 0 if phase.trains_model else i + 1, phase, unwrapped)
+        self.ema.update(unwrapped)
+        return out
+
+    def seconds_per_step(self, steps: int, first: int = 0) -> float:
+        """Wall seconds per optimizer step over ``steps`` steps from step ``first`` (a pilot: the same code path
+        as ``train``, nothing saved or logged; the model's weights move, so time a throw-away Trainer)."""
+        unwrapped = self.acc.unwrap_model(self.model)
+        self.model.train()
+        if self.critic is not None:
+            self.critic.train()
+        t0 = time.perf_counter()
+        for step in range(first, first + steps):
+            self._step(step, unwrapped)
+        return (time.perf_counter() - t0) / steps
+
     # ------------------------------------------------------------------------- main loop
     def train(self) -> dict:
         from tqdm.auto import tqdm
@@ -442,15 +470,7 @@ class Trainer:
         t_loop = time.perf_counter()
         t_mark, eval_seconds = t_loop, 0.0     # training time since the last evaluation; time spent evaluating
         for step in range(self.start_step, cfg.train.max_steps):
-            set_step(step + 1)
-            scale = _lr_scale(step, cfg.train.warmup_steps)
-            for group, base in zip(self.opt.param_groups, self.base_lrs):
-                group["lr"] = base * scale
-            # the recipe's phases in order (critic-only ones first, the joint one last); seed keys: the joint
-            # phase 0, the critic-only ones 1, 2, ... (the driver's keys before phases() existed)
-            for i, phase in enumerate(self.phases):
-                loss, gn, gn_critic = self._phase(step, 0 if phase.trains_model else i + 1, phase, unwrapped)
-            self.ema.update(unwrapped)
+            loss, gn, gn_critic = self._step(step, unwrapped)
             done = step + 1
             bar.update(1)
             if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:

@@ -59,6 +59,8 @@ def _write(tmp_path, **changes):
     ({"overrides": {"train.max_stepz": 3}}, "train.max_stepz"),
     ({"launcher": {"kind": "slurm"}}, "launcher.kind"),
     ({"seeds": []}, "seeds"),
+    ({"budget": {"wall_time": "dual_sobolev"}}, "budget.wall_time"),
+    ({"budget": {"wall_time": "l2", "pilot_stepz": 2}}, "budget.pilot_stepz"),
 ])
 def test_unknown_or_bad_keys_raise_one_error_naming_them(tmp_path, change, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
@@ -289,3 +291,39 @@ def test_image_study_tiny_grid(tmp_path):
     assert os.path.isfile(os.path.join(ab.output_dir, "correlation.png"))
     again = assess_all(ab, progress=False)["population"]
     assert [p["predictors"] for p in again] == [p["predictors"] for p in pop]
+
+
+def test_equal_wall_time_arm_from_a_frozen_pilot(tmp_path):
+    """budget.wall_time: a pilot times every objective's optimizer step side by side (the loop's own step), freezes
+    the steps in step_costs.json, and each non-reference objective gets a second run of round(N c_ref / c) steps;
+    the reference's equal-steps run serves both budgets. The timings themselves are not asserted (no timed tests):
+    the steps must follow the frozen costs exactly, the runs must train those steps, resume must skip them, and the
+    report must show both tables."""
+    from gradscore_train.ablation.wall_time import equal_time_steps
+
+    path = _write(tmp_path, seeds=[0], budget={"wall_time": "energy", "pilot_steps": 2, "pilot_rounds": 2})
+    ab = load_ablation(path)
+    assert [r.run_id for r in ab.runs()] == ["l2/seed-0", "energy/seed-0"]     # the arm waits for the pilot
+    status = train_all(ab, progress=False)
+    costs = json.load(open(ab.step_costs_path))
+    c = costs["seconds_per_step"]
+    assert set(c) == {"l2", "energy"} and len(costs["rounds"]["l2"]) == 2 and costs["reference_steps"] == 6
+    n = equal_time_steps(6, c["energy"], c["l2"])
+    assert n == max(1, round(6 * c["energy"] / c["l2"])) and costs["steps"] == {"l2": n, "energy": 6}
+    ab = load_ablation(path)
+    time_runs = ab.runs("wall_time")
+    assert [r.run_id for r in time_runs] == [f"l2/max_steps={n}/seed-0"]
+    assert time_runs[0].config.train.max_steps == n and time_runs[0].config.objective.name == "l2"
+    assert status[time_runs[0].run_id] == "trained"
+    assert json.load(open(os.path.join(time_runs[0].run_dir, "final_metrics.json")))["step"] == n
+    assert set(train_all(ab, progress=False).values()) == {"skipped"}       # frozen: the same runs again
+    report, _ = write_report(ab, assess_all(ab, progress=False))
+    text = open(report).read()
+    assert "### Equal steps (6 optimizer steps each)" in text and "### Equal wall time" in text
+    assert f"| l2/max_steps={n} | 1/1 |" in text
+
+    # costs timed for another reference (or step count) are refused by name, not silently reused
+    costs["reference"] = "l2"
+    json.dump(costs, open(ab.step_costs_path, "w"))
+    with pytest.raises(ConfigError, match="step_costs.json.*delete the file"):
+        load_ablation(path)

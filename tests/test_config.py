@@ -86,6 +86,7 @@ def test_overrides_are_typed_like_the_file():
     ("train.max_steps=ten", r"train.max_steps must be an integer, got 'ten'"),
     ("train.lr", r"must look like section.key=value"),
     ("train.batch_size.x=1", r"'batch_size' is not a section"),
+    ("eval.diag_solenoidal_points=0", r"eval.diag_solenoidal_points must be a positive number of points"),
 ])
 def test_bad_overrides(override, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -82,9 +82,13 @@ def test_cli_on_tiny_digits_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert diagnose_main(["--config", "configs/digits/l2.yaml", "--checkpoint", str(run), "--out", str(out),
                           "--num-data", "64", "--num-times", "2", "--num-points", "512", "--fit-steps", "50",
-                          "--likelihood-samples", "4", *small]) == 0
+                          "--likelihood-samples", "4", "--solenoidal-points", "128", *small]) == 0
     on_disk = json.loads((out / "diagnostics.json").read_text())
     assert len(on_disk["per_time"]) == 2
+    # 512 points = 64 data x 8 noises; the solenoidal part on the first ceil(128 / 64) = 2 noises of each, so on a
+    # quarter of the held-out points the estimates average over (the rest of the points fit the networks)
+    for r in on_disk["per_time"]:
+        assert 0 < r["num_points"] < 512 and 4 * r["solenoidal_points"] == r["num_points"], r
     for row in on_disk["per_time"]:
         assert all(math.isfinite(row[k]) for k in ("gradient", "solenoidal", "l2")), row
     b = on_disk["bounds"]

@@ -25,3 +25,26 @@ def test_image_grid_places_every_image_in_its_cell(n, channels, nrow):
     images[0, 0, 0, 0] = float("nan")
     grid = image_grid(images, nrow)
     assert torch.equal(grid, _grid_by_hand(images, nrow))
+
+
+def test_score_diagnostics_passes_solenoidal_points_to_the_decomposition(monkeypatch):
+    """eval.diag_solenoidal_points reaches the neural decomposition: at 256 points of 32 data (8 noises each), 64
+    solenoidal points are the first 2 noises of every data point, a quarter of what each part averages over."""
+    import gradscore.diagnostics as D
+    from gradscore.sde import VPSDE
+    from gradscore_train.evaluation import score_diagnostics
+
+    seen, original = {}, D.decompose
+
+    def spy(*args, **kw):
+        out = original(*args, **kw)
+        seen.update(options=kw["options"], extra=out["solenoidal"].extra)
+        return out
+
+    monkeypatch.setattr(D, "decompose", spy)
+    x0 = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    out = score_diagnostics(lambda x, t: -x, VPSDE(), x0, [0.5], num_points=256, fit_steps=5, solenoidal_points=64,
+                            generator=torch.Generator().manual_seed(1))
+    assert seen["options"] == {"steps": 5, "solenoidal_points": 64}
+    assert 4 * seen["extra"]["solenoidal_points"] == seen["extra"]["num_points"]
+    assert "diag/solenoidal_error/t=0.5" in out

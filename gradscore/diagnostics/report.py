@@ -32,7 +32,9 @@ def diagnose(score_fn, sde: SDE, x0: torch.Tensor, times=None, out_dir: str = ".
         rows.append({"t": tk, "gradient": g.value, "gradient_stderr": g.stderr,
                      "gradient_lower_bound": g.extra.get("lower_bound"),
                      "l2": el.value, "l2_stderr": el.stderr, "l2_exact": bool(el.extra.get("exact", False)),
-                     "solenoidal": so.value, "solenoidal_stderr": so.stderr})
+                     "solenoidal": so.value, "solenoidal_stderr": so.stderr,
+                     # the held-out points each part averages over (neural decomposition: solenoidal_points option)
+                     "num_points": g.extra.get("num_points"), "solenoidal_points": so.extra.get("solenoidal_points")})
     result = {
         "sde": sde.config(), "num_data": int(x0.shape[0]), "per_time": rows,
         "bounds": {k: kl[k].to_dict() for k in ("girsanov", "gradient", "prior")},

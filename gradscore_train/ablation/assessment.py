@@ -190,7 +190,8 @@ def _assessment_key(ac: AssessmentConfig) -> str:
 
 
 def _run_info(spec: RunSpec) -> dict:
-    info = {"run_id": spec.run_id, "label": spec.label, "objective": spec.objective, "seed": spec.seed}
+    info = {"run_id": spec.run_id, "label": spec.label, "objective": spec.objective, "seed": spec.seed,
+            "arm": spec.arm, "steps": spec.config.train.max_steps}
     if os.path.isfile(final_metrics_path(spec)):
         with open(final_metrics_path(spec)) as f:
             info["final_metrics"] = json.load(f)
@@ -212,7 +213,9 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
     runs, population = [], []
     t0 = time.perf_counter()
     toy = all(r.config.data.kind == "toy" for r in ab.runs())
-    images = not toy and st.enabled and st.quality == "classifier_fd"      # the image study (issue 13)
+    # images: every model assessed alike by assess_images when the quality is the classifier's (the comparison and
+    # the study, issue 13); otherwise the comparison reads what the training loop measured
+    images = not toy and st.quality == "classifier_fd"
     if images and any(r.config.model.num_classes for r in ab.runs()):
         raise ValueError("the image study assesses unconditional models; the ablation's base config has "
                          "model.num_classes > 0")
@@ -266,7 +269,7 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
         members = [(p.name, p, lambda p: assess(p.score_fn, sde, mixture, ac))
                    for p in perturbed_scores(mixture.score_fn(sde), st.rotations, st.gradient_errors,
                                              st.combinations)]
-    if images and base_model is not None:
+    if st.enabled and images and base_model is not None:
         # perturbations of a trained model in pixel space: s + c J s (J skew; approximately zero-effect, exactly so
         # only for the exact score) and s + a A x (a gradient error), the same families as the toy study; the
         # unperturbed model is in the population already, as a trained checkpoint

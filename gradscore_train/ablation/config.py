@@ -21,7 +21,7 @@ from typing import Literal
 
 from ..config import Config, ConfigError, load_config, read_yaml, structured
 
-__all__ = ["Ablation", "AblationSchema", "LauncherConfig", "AssessmentConfig", "StudyConfig", "RunSpec",
+__all__ = ["Ablation", "AblationSchema", "BudgetConfig", "LauncherConfig", "AssessmentConfig", "StudyConfig", "RunSpec",
            "load_ablation"]
 
 
@@ -73,6 +73,17 @@ class StudyConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """The matched budgets. Every run of the grid has the same steps (``overrides``); with ``wall_time`` set to
+    an objective of the grid, every other objective also runs for the wall time that objective's steps take:
+    ``steps_o = round(steps * c_ref / c_o)`` with ``c`` its seconds per optimizer step, timed side by side in one
+    process by a pilot (``wall_time.py``) and frozen in ``<output_dir>/step_costs.json`` on the first invocation."""
+    wall_time: str | None = None    # the reference objective (e.g. energy); None: equal steps only
+    pilot_steps: int = 20           # timed steps per objective per round (after 3 warm-up steps)
+    pilot_rounds: int = 3           # rounds over the objectives; the median per objective is kept
+
+
+@dataclass
 class AblationSchema:
     name: str = "ablation"
     base: str = "configs/toy/l2.yaml"          # training config every run starts from
@@ -82,6 +93,7 @@ class AblationSchema:
     overrides: dict = field(default_factory=dict)   # dotted key -> value, applied to every run
     grid: dict = field(default_factory=dict)        # dotted key -> list of values, crossed with the rest
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     assessment: AssessmentConfig = field(default_factory=AssessmentConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
 
@@ -95,6 +107,7 @@ class RunSpec:
     point: dict                  # the grid point (dotted key -> value)
     config: Config
     run_dir: str
+    arm: str = "steps"           # the matched budget it belongs to: "steps", or "wall_time" (budget.wall_time)
 
     @property
     def label(self) -> str:
@@ -143,11 +156,43 @@ class Ablation:
         for k, vals in s.grid.items():
             if not isinstance(vals, list) or not vals:
                 raise ConfigError(f"{where}: grid.{k} must be a non-empty list of values, got {vals!r}")
+        ref = s.budget.wall_time
+        if ref is not None and ref not in s.objectives:
+            raise ConfigError(f"{where}: budget.wall_time must name one of the objectives {list(s.objectives)} "
+                              f"(the reference whose wall time the others get), got {ref!r}")
+        if s.budget.pilot_steps < 1 or s.budget.pilot_rounds < 1:
+            raise ConfigError(f"{where}: budget.pilot_steps and budget.pilot_rounds must be positive, got "
+                              f"{s.budget.pilot_steps} and {s.budget.pilot_rounds}")
+        runs = self._grid(s.overrides, "steps")
+        if ref is not None and os.path.isfile(self.step_costs_path):
+            steps = read_step_costs(self.step_costs_path, ref, runs[0].config.train.max_steps)["steps"]
+            for r in list(runs):
+                if r.objective == ref:                  # the reference's equal-steps run is its equal-time run
+                    continue
+                n = steps.get(r.label)
+                if n is None:
+                    raise ConfigError(f"{self.step_costs_path}: no steps for {r.label!r}; delete the file to time "
+                                      "the grid again")
+                runs += [t for t in self._grid(s.overrides | {"train.max_steps": int(n)}, "wall_time",
+                                               only=(r.objective, r.point, r.seed))]
+        return runs
+
+    @property
+    def step_costs_path(self) -> str:
+        """Where the pilot's seconds per step and the equal-wall-time steps are frozen (``wall_time.py``)."""
+        return os.path.join(self.output_dir, "step_costs.json")
+
+    def _grid(self, overrides: dict, arm: str, only=None) -> list[RunSpec]:
+        """The runs ``objectives x grid x seeds`` with ``overrides``; ``only=(objective, point, seed)``: that one.
+        The wall-time arm's runs live under ``<objective>/.../max_steps=N/seed-S``."""
+        s, where = self.schema, self.path
         base = self._base_path()
-        common = _override_strings(s.overrides, f"{where} overrides")
+        common = _override_strings(overrides, f"{where} overrides")
         keys = list(s.grid)
         runs = []
         for objective, hparams in s.objectives.items():
+            if only is not None and objective != only[0]:
+                continue
             if hparams is not None and not isinstance(hparams, dict):
                 raise ConfigError(f"{where}: objectives.{objective} must be a mapping of hyperparameters, "
                                   f"got {hparams!r}")
@@ -157,7 +202,11 @@ class Ablation:
                     if not (k.startswith("objective.hparams.") and k.split(".")[-1] not in _defaults(objective))]
             for values in itertools.product(*(s.grid[k] for k in mine)):
                 point = dict(zip(mine, values))
+                if only is not None and point != only[1]:
+                    continue
                 for seed in s.seeds:
+                    if only is not None and seed != only[2]:
+                        continue
                     ov = common + obj + _override_strings(point, f"{where} grid") + [f"train.seed={int(seed)}"]
                     try:
                         cfg = load_config(base, ov)
@@ -165,20 +214,45 @@ class Ablation:
                         check_objective_config(cfg)
                     except ConfigError as e:
                         raise ConfigError(f"{where}: run {objective} {point or ''} seed {seed}: {e}") from None
+                    if arm == "wall_time":            # the steps are part of what tells the run apart
+                        point = point | {"train.max_steps": cfg.train.max_steps}
                     parts = [objective] + [f"{k.split('.')[-1]}={v}" for k, v in point.items()] + [f"seed-{seed}"]
                     run_id = "/".join(parts)
                     run_dir = os.path.join(self.output_dir, "runs", *parts)
-                    runs.append(RunSpec(run_id, objective, int(seed), point, cfg, run_dir))
+                    runs.append(RunSpec(run_id, objective, int(seed), point, cfg, run_dir, arm))
         return runs
 
-    def runs(self) -> list[RunSpec]:
-        return list(self._runs)
+    def runs(self, arm: str | None = None) -> list[RunSpec]:
+        """The runs of the grid (``arm``: of that matched budget only, ``"steps"`` or ``"wall_time"``); the
+        wall-time arm appears once its steps are known (``step_costs_path`` exists)."""
+        return [r for r in self._runs if arm is None or r.arm == arm]
+
+    def refresh(self) -> None:
+        """Expand the grid again (after the pilot wrote ``step_costs_path``)."""
+        self._runs = self._expand()
 
     def run(self, run_id: str) -> RunSpec:
         for r in self._runs:
             if r.run_id == run_id:
                 return r
         raise KeyError(f"no run {run_id!r} in {self.path}; runs are {[r.run_id for r in self._runs]}")
+
+
+def read_step_costs(path: str, reference: str, reference_steps: int) -> dict:
+    """The frozen pilot of ``path``: ``{"reference", "reference_steps", "seconds_per_step": {label: s},
+    "steps": {label: n}, ...}``; a ``ConfigError`` naming the file when it is unreadable or was timed for another
+    reference or step count."""
+    try:
+        with open(path) as f:
+            costs = json.load(f)
+        ref, steps = costs["reference"], costs["reference_steps"]
+        costs["steps"], costs["seconds_per_step"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: unreadable step costs ({e!r}); delete it to time the grid again") from None
+    if ref != reference or steps != reference_steps:
+        raise ConfigError(f"{path}: timed for reference {ref!r} at {steps} steps, but the ablation asks for "
+                          f"{reference!r} at {reference_steps} steps; delete the file to time the grid again")
+    return costs
 
 
 def _defaults(objective: str) -> dict:

@@ -87,6 +87,8 @@ def summary_rows(runs: list[dict], quality_key: str) -> list[dict]:
         else:   # images: what the training loop measured (quality, diagnostics at eval.diag_times)
             for k in sorted({k for m in fm for k in m if k.startswith(("quality/", "diag/")) and "stderr" not in k}):
                 row[k] = fmt_mean_std([_f(m.get(k)) for m in fm])
+        row["arm"], row["steps"] = group[0].get("arm", "steps"), str(group[0].get("steps", "-"))
+        row["train_s"] = fmt_mean_std([_f(m.get("train/seconds_per_step")) * _f(m.get("step")) for m in fm])
         row["sec_per_step"] = fmt_mean_std([_f(m.get("train/seconds_per_step")) for m in fm])
         row["wall_s"] = fmt_mean_std([_f(r.get("wall_s")) for r in done])
         rows.append(row)
@@ -279,7 +281,11 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
              f"warm-up {cfg.train.warmup_steps}, EMA {cfg.train.ema_decay:g}, model `{cfg.model.kind}` "
              f"{backbone}, data `{cfg.data.kind}`{'/' + cfg.data.preset if toy else ''}; the data order and noise "
              f"of step k depend only on the seed (seeds {ab.schema.seeds}); only `objective.*` differs. "
-             f"Launcher: `{ab.schema.launcher.kind}`.", ""]
+             f"Launcher: `{ab.schema.launcher.kind}`."
+             + (f" Second budget, equal wall time: every objective also trains for the time "
+                f"`{ab.schema.budget.wall_time}` takes for its {cfg.train.max_steps} steps (its steps below; the other "
+                "keys as above)."
+                if ab.schema.budget.wall_time else ""), ""]
     if ab.schema.grid:
         lines += [f"Grid: {ab.schema.grid} (crossed with objectives having the hyperparameter and seeds).", ""]
 
@@ -328,8 +334,36 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
                         if k.startswith(("quality/", "diag/")) and not k.startswith(per_class)})
         header = ["objective", "seeds", *qkeys, "s/step", "wall s"]
         body = [[r["label"], r["seeds"], *[r.get(k, "-") for k in qkeys], r["sec_per_step"], r["wall_s"]] for r in rows]
-    table = _markdown_table(header, body)
-    lines += [table, ""]
+    at = header.index("s/step")               # the budget's columns: steps (and train s) before s/step
+    header.insert(at, "steps")
+    for r, b in zip(rows, body):
+        b.insert(at, r["steps"])
+    ref = ab.schema.budget.wall_time
+    if any(r["arm"] == "wall_time" for r in rows):       # two matched budgets: one table each
+        import json
+        with open(ab.step_costs_path) as f:
+            costs = json.load(f)
+        header.insert(at + 1, "train s")
+        for r, b in zip(rows, body):
+            b.insert(at + 1, r["train_s"])
+        n_ref = costs["reference_steps"]
+        steps_rows = [b for r, b in zip(rows, body) if r["arm"] == "steps"]
+        time_rows = [b for r, b in zip(rows, body) if r["arm"] == "wall_time" or r["label"].split("/")[0] == ref]
+        table = _markdown_table(header, steps_rows)
+        time_table = _markdown_table(header, time_rows)
+        pilot = ", ".join(f"`{k}` {1e3 * v:.0f} ms" for k, v in costs["seconds_per_step"].items())
+        lines += [f"### Equal steps ({n_ref} optimizer steps each)", "", table, "",
+                  f"### Equal wall time (the time `{ref}` takes for {n_ref} steps)", "",
+                  f"Steps from a pilot that timed every objective's optimizer step side by side in one process "
+                  f"({costs['pilot_rounds']} rounds of {costs['pilot_steps']} steps, {costs['threads']} thread(s), "
+                  "median; "
+                  f"`{ab.step_costs_path}`): {pilot} per step. `train s`: the training loop's own seconds per step "
+                  "times its steps (runs launched in parallel share the machine, so they drift from the pilot).", "",
+                  time_table, ""]
+        table = table + "\n\nEqual wall time:\n" + time_table
+    else:
+        table = _markdown_table(header, body)
+        lines += [table, ""]
     if not toy and not image_study:
         lines += _per_class_table(rows)
     if image_study:

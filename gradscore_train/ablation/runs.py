@@ -87,7 +87,12 @@ def _env(ab: Ablation) -> dict:
 
 
 def train_all(ab: Ablation, progress: bool = True) -> dict:
-    """Train every unfinished run of the grid; returns ``{run_id: status}``."""
+    """Train every unfinished run of the grid; returns ``{run_id: status}``. With ``budget.wall_time`` the pilot
+    (``wall_time.measure_step_costs``) first times the objectives, once, to size the equal-wall-time arm."""
+    if ab.schema.budget.wall_time is not None and not os.path.isfile(ab.step_costs_path):
+        from .wall_time import measure_step_costs
+        measure_step_costs(ab, progress=progress)
+        ab.refresh()
     todo = [r for r in ab.runs() if not os.path.isfile(final_metrics_path(r))]
     status = {r.run_id: "skipped" for r in ab.runs() if os.path.isfile(final_metrics_path(r))}
     lc = ab.schema.launcher
@@ -96,14 +101,18 @@ def train_all(ab: Ablation, progress: bool = True) -> dict:
               f"{', parallel ' + str(lc.parallel) if lc.kind == 'subprocess' else ''}"
               f"{', ' + str(lc.num_processes) + ' processes' if lc.kind == 'accelerate' else ''})", flush=True)
     if lc.kind == "inprocess":
+        threads = torch.get_num_threads()
         if lc.threads:
             torch.set_num_threads(lc.threads)
-        for i, spec in enumerate(todo):
-            t0 = time.perf_counter()
-            status[spec.run_id] = train_one(spec)
-            if progress:
-                print(f"[ablate] {i + 1}/{len(todo)} {spec.run_id}: {status[spec.run_id]} "
-                      f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        try:
+            for i, spec in enumerate(todo):
+                t0 = time.perf_counter()
+                status[spec.run_id] = train_one(spec)
+                if progress:
+                    print(f"[ablate] {i + 1}/{len(todo)} {spec.run_id}: {status[spec.run_id]} "
+                          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        finally:                  # launcher.threads is the runs' setting; the assessment afterwards uses every core
+            torch.set_num_threads(threads)
         return status
     width = lc.parallel if lc.kind == "subprocess" else 1
     pending, running = list(todo), []

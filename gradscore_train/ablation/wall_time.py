@@ -1,0 +1,92 @@
+"""Step 1b of an ablation: the equal-wall-time arm (``budget.wall_time``), its steps from a pilot.
+
+The comparison at equal steps favours the expensive objectives: the energy parametrisation's step costs
+about 2.4 L2 steps on the digits UNet. At equal wall time every objective gets the seconds the reference
+objective's ``N`` steps take: ``steps_o = round(N * c_ref / c_o)``, with ``c`` the seconds per optimizer step
+(the training loop's own step: ``Trainer.seconds_per_step``, every phase, clipping and EMA included).
+
+``measure_step_costs(ablation)`` times one run of every label (objective and grid point, the first seed) side
+by side in this process: 3 warm-up steps each, then ``pilot_rounds`` rounds that time ``pilot_steps`` steps of
+each label in turn (so a slow spell of the machine hits every label alike), the median round per label. It
+writes ``<output_dir>/step_costs.json``, read by ``Ablation`` from then on (the steps are frozen: a resumed
+ablation trains the same runs). The pilot runs with ``launcher.threads`` threads, as the runs do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .config import Ablation, RunSpec
+
+__all__ = ["measure_step_costs", "equal_time_steps"]
+
+
+def _reference_label(ab: Ablation, spec: RunSpec, labels: dict) -> str:
+    """The reference objective's label at the grid point of ``spec`` (objective hyperparameters left out)."""
+    ref = ab.schema.budget.wall_time
+    point = {k: v for k, v in spec.point.items() if not k.startswith("objective.")}
+    for label, other in labels.items():
+        if other.objective == ref and {k: v for k, v in other.point.items() if not k.startswith("objective.")} == point:
+            return label
+    raise KeyError(f"no run of the reference objective {ref!r} at grid point {point}")
+
+
+def equal_time_steps(steps: int, reference_seconds: float, seconds: float) -> int:
+    """The steps of an objective at ``seconds`` per step in the time ``steps`` steps take at ``reference_seconds``."""
+    return max(1, round(steps * reference_seconds / seconds))
+
+
+def measure_step_costs(ab: Ablation, progress: bool = True) -> dict:
+    """Time every label's optimizer step side by side, write and return ``step_costs.json`` (see the module)."""
+    from ..loop import Trainer
+    from ..ranks import stop_guard
+
+    b, lc = ab.schema.budget, ab.schema.launcher
+    first_seed = ab.schema.seeds[0]
+    labels = {r.label: r for r in ab.runs("steps") if r.seed == first_seed}
+    threads = torch.get_num_threads()
+    if lc.threads:
+        torch.set_num_threads(lc.threads)
+    t0 = time.perf_counter()
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainers = {}
+            for i, (label, spec) in enumerate(labels.items()):
+                tr = Trainer(spec.config, os.path.join(tmp, str(i)), None, progress=False)
+                tr.seconds_per_step(3)                            # warm-up: first calls, allocator
+                trainers[label] = tr
+            for r in range(b.pilot_rounds):
+                for label, tr in trainers.items():
+                    times[label].append(tr.seconds_per_step(b.pilot_steps, first=3 + r * b.pilot_steps))
+                if progress:
+                    print(f"[ablate] pilot round {r + 1}/{b.pilot_rounds}: "
+                          + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+            for tr in trainers.values():
+                tr.logbook.close()
+    finally:
+        stop_guard()
+        torch.set_num_threads(threads)
+    per_step = {label: statistics.median(v) for label, v in times.items()}
+    n_ref = ab.runs("steps")[0].config.train.max_steps
+    steps = {}
+    for label, spec in labels.items():
+        ref = _reference_label(ab, spec, labels)
+        steps[label] = equal_time_steps(spec.config.train.max_steps, per_step[ref], per_step[label])
+    costs = {"reference": b.wall_time, "reference_steps": n_ref, "seconds_per_step": per_step, "steps": steps,
+             "rounds": {k: v for k, v in times.items()}, "pilot_steps": b.pilot_steps, "pilot_rounds": b.pilot_rounds,
+             "threads": lc.threads or threads, "pilot_seconds": time.perf_counter() - t0}
+    os.makedirs(ab.output_dir, exist_ok=True)
+    tmp_path = ab.step_costs_path + ".tmp"
+    with open(tmp_path, "w") as f:
+        json.dump(costs, f, indent=1)
+    os.replace(tmp_path, ab.step_costs_path)
+    if progress:
+        print(f"[ablate] equal wall time ({b.wall_time}'s {n_ref} steps): "
+              + ", ".join(f"{k} {steps[k]} steps" for k in labels), flush=True)
+    return costs
