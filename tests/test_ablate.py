@@ -78,12 +78,23 @@ def test_shipped_ablation_configs_validate(name):
     objectives = {r.objective for r in ab.runs()}
     assert objectives == {"l2", "energy", "dual_sobolev", "l2+dual_sobolev", "asymmetry"}
     assert len({r.seed for r in ab.runs()}) >= 3
-    # matched budget: everything but the objective section is identical across runs of one seed
+    # matched budget: everything but the objective section is identical across the equal-steps runs of one seed
     for seed in ab.schema.seeds:
-        cfgs = [r.config for r in ab.runs() if r.seed == seed]
+        cfgs = [r.config for r in ab.runs("steps") if r.seed == seed]
         for c in cfgs[1:]:
             for section in ("train", "model", "data", "sde", "eval"):
                 assert getattr(c, section) == getattr(cfgs[0], section), section
+
+
+def test_digits_comparison_config_asks_for_both_budgets():
+    """configs/ablations/digits.yaml (issue 13): every objective, l2+dual_sobolev at l2_weight 0.1 / 0.3 / 1.0, 3 seeds,
+    equal steps and equal wall time against energy, every model assessed by the image assessment."""
+    ab = load_ablation(os.path.join(ROOT, "configs", "ablations", "digits.yaml"))
+    labels = {r.label for r in ab.runs("steps")}
+    assert labels == {"l2", "energy", "dual_sobolev", "asymmetry", *(f"l2+dual_sobolev/l2_weight={w}"
+                                                                    for w in (0.1, 0.3, 1.0))}
+    assert len(ab.runs("steps")) == 21 and ab.schema.budget.wall_time == "energy"
+    assert ab.schema.study.quality == "classifier_fd" and not ab.schema.study.enabled
 
 
 def test_grid_crosses_hyperparameters_with_the_objectives_that_have_them(tmp_path):
