@@ -303,6 +303,16 @@ def test_image_study_tiny_grid(tmp_path):
     again = assess_all(ab, progress=False)["population"]
     assert [p["predictors"] for p in again] == [p["predictors"] for p in pop]
 
+    # the controlled comparison without the study (configs/ablations/digits.yaml): the same image assessment of the
+    # final models (read from the cache here), no population, no correlation section
+    comparison = load_ablation(str(path), {"study": {"enabled": False}})
+    res = assess_all(comparison, progress=False)
+    assert res["population"] == [] and all("classifier_fd" in r["assessment"]["quality"] for r in res["runs"])
+    assert [r["assessment"]["predictors"] for r in res["runs"]] == \
+        [p["predictors"] for p in pop if p["family"] == "trained" and p["step"] == 4]
+    text = open(write_report(comparison, res)[0]).read()
+    assert "classifier FD" in text and "## Correlation study" not in text and "decomposition.png" in text
+
 
 def test_equal_wall_time_arm_from_a_frozen_pilot(tmp_path):
     """budget.wall_time: a pilot times every objective's optimizer step side by side (the loop's own step), freezes
