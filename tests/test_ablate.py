@@ -147,7 +147,7 @@ def test_tiny_grid_skip_resume_and_report(tmp_path, capsys):
     text = open(path).read()
     for label in ("| l2 |", "| energy |", "Correlation study", "gradient-only KL bound", "Girsanov KL bound", "SIEM"):
         assert label in text, label
-    for png in ("samples.png", "decomposition.png", "kl_vs_quality.png", "correlation.png"):
+    for png in ("samples.png", "comparison.png", "decomposition.png", "kl_vs_quality.png", "correlation.png"):
         assert os.path.getsize(os.path.join(ab.output_dir, png)) > 1000, png
     ed = [r["assessment"]["quality"]["energy_distance"] for r in results["runs"] if r["objective"] == "l2"]
     from gradscore_train.ablation.report import fmt_mean_std
@@ -342,6 +342,7 @@ def test_equal_wall_time_arm_from_a_frozen_pilot(tmp_path):
     text = open(report).read()
     assert "### Equal steps (6 optimizer steps each)" in text and "### Equal wall time" in text
     assert f"| l2/max_steps={n} | 1/1 |" in text
+    assert os.path.getsize(os.path.join(ab.output_dir, "comparison.png")) > 1000
 
     # costs timed for another reference (or step count) are refused by name, not silently reused
     costs["reference"] = "l2"

@@ -172,8 +172,12 @@ def plot_decomposition(runs, path: str):
     if not groups:
         return False
     n = len(groups)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False, sharey=True)
-    for ax, (label, assessed) in zip(axes[0], groups.items()):
+    cols = min(n, 5)                                    # many objectives (and budgets): rows of five panels
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (label, assessed) in zip(axes.flat, groups.items()):
         t = [p["t"] for p in assessed[0]["per_time"]]
         for key, colour in (("l2", "k"), ("gradient", "tab:blue"), ("solenoidal", "tab:orange")):
             v = np.mean([[p[key] for p in a["per_time"]] for a in assessed], axis=0)
@@ -183,8 +187,44 @@ def plot_decomposition(runs, path: str):
         ax.set_yscale("log")
         ax.set_xlabel("t")
         ax.set_title(label, fontsize=9)
-    axes[0][0].set_ylabel("squared error under p_t (floored at 1e-6)")
+    for row in axes:
+        row[0].set_ylabel("squared error under p_t (floored at 1e-6)")
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_comparison(runs, quality_key: str, path: str):
+    """Quality per objective, one dot per seed and the mean as a bar, the equal-steps and equal-wall-time arms side
+    by side (the reference objective, in both arms, is drawn once). False when nothing was assessed."""
+    plt = _plt()
+    pts = [r for r in runs if "assessment" in r]
+    if not pts:
+        return False
+    objectives = list(dict.fromkeys(r["label"].split("/max_steps=")[0] for r in pts))
+    arms = [a for a in ("steps", "wall_time") if any(r.get("arm", "steps") == a for r in pts)]
+    fig, ax = plt.subplots(figsize=(1.1 * len(objectives) + 2.5, 3.6))
+    width = 0.8 / len(arms)
+    for j, arm in enumerate(arms):
+        for i, obj in enumerate(objectives):
+            vals = [_f(r["assessment"]["quality"][quality_key]) for r in pts
+                    if r["label"].split("/max_steps=")[0] == obj and r.get("arm", "steps") == arm]
+            if not vals:
+                continue
+            x = i + (j - (len(arms) - 1) / 2) * width
+            ax.bar(x, float(np.mean(vals)), width * 0.9, color=f"C{j}", alpha=0.35,
+                   label={"steps": "equal steps", "wall_time": "equal wall time"}[arm] if i == 0 else None)
+            ax.scatter([x] * len(vals), vals, color=f"C{j}", s=14, zorder=3)
+    floor = [_f(r["assessment"]["quality"].get(f"{quality_key}_floor")) for r in pts]
+    if floor and not math.isnan(floor[0]):
+        ax.axhline(float(np.nanmean(floor)), color="k", ls=":", lw=1, label="two-sample floor")
+    ax.set_xticks(range(len(objectives)))
+    ax.set_xticklabels([o.replace("l2+dual_sobolev/", "l2+ds ") for o in objectives], rotation=25, ha="right",
+                       fontsize=8)
+    ax.set_ylabel(f"{quality_key.replace('_', ' ')} (lower is better)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -385,7 +425,9 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
         lines += ["Failed runs (non-finite loss; retried on the next invocation): " + ", ".join(failed), ""]
 
     if toy or image_study:
-        figs = [("decomposition.png", "Per-time decomposition L2 = gradient + solenoidal (mean over seeds)",
+        figs = [("comparison.png", "Sample quality per objective (dots: seeds; bars: means)",
+                 lambda p: plot_comparison(runs, qk, p)),
+                ("decomposition.png", "Per-time decomposition L2 = gradient + solenoidal (mean over seeds)",
                  lambda p: plot_decomposition(runs, p)),
                 ("kl_vs_quality.png", "The two KL bounds against measured quality (one point per run)",
                  lambda p: plot_kl_vs_quality(runs, qk, p))]
