@@ -130,11 +130,15 @@ def feature_net(key: str, images: torch.Tensor, labels: torch.Tensor, cache_dir:
         return net.eval()
     net, acc = train_feature_net(images, labels, **train_kwargs)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = weights + ".tmp"
+    # processes that miss the cache at once (parallel runs of an ablation) each write their own temporary files and
+    # rename them into place: a reader never sees half a file, and the weights land before the metadata it checks
+    tmp = f"{weights}.{os.getpid()}.tmp"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp)
     os.replace(tmp, weights)
-    with open(meta, "w") as f:
+    tmp = f"{meta}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump({"config": net.config, "held_out_accuracy": acc, "key": key}, f)
+    os.replace(tmp, meta)
     return net
 
 

@@ -271,7 +271,8 @@ def test_image_study_tiny_grid(tmp_path):
                       "train.batch_size": 16, "train.warmup_steps": 1, "model.block_out_channels": [16, 32],
                       "critic.block_out_channels": [8, 16], "eval.num_samples": 8, "eval.sample_steps": 2,
                       "eval.diag_times": [], "eval.classifier_cache": str(tmp_path / "cls")},
-        "launcher": {"kind": "inprocess", "threads": 1},
+        # two processes: the runs train in subprocesses and the checkpoints are assessed by two spawned workers
+        "launcher": {"kind": "subprocess", "parallel": 2, "threads": 1},
         "assessment": {"num_samples": 64, "sample_steps": 10, "num_data": 512, "num_points": 1024, "num_times": 3,
                        "fit_steps": 5, "solenoidal_points": 512, "likelihood_samples": 4, "likelihood_rtol": 1e-2},
         "study": {"quality": "classifier_fd", "rotations": [2.0], "gradient_errors": [0.5], "combinations": [],
@@ -349,3 +350,27 @@ def test_equal_wall_time_arm_from_a_frozen_pilot(tmp_path):
     json.dump(costs, open(ab.step_costs_path, "w"))
     with pytest.raises(ConfigError, match="step_costs.json.*delete the file"):
         load_ablation(path)
+
+
+def test_parallel_assessment_equals_the_sequential_one(tmp_path):
+    """launcher.parallel > 1 assesses the uncached checkpoints in that many spawned processes of one thread; every
+    number must be what the sequential pass (this process, one thread) computes: same seeds, same ops, so equal up
+    to 1e-12 (the same float64 arithmetic; exact in practice)."""
+    import glob
+
+    path = _write(tmp_path, seeds=[0], launcher={"kind": "subprocess", "parallel": 2, "threads": 1})
+    ab = load_ablation(path)
+    assert set(train_all(ab, progress=False).values()) == {"trained"}
+    parallel = assess_all(ab, progress=False)
+    caches = glob.glob(os.path.join(ab.output_dir, "runs", "*", "seed-0", "assessment", "step-*.json"))
+    assert len(caches) == 4                                   # 2 runs x (step 3 + step 6), written by the workers
+    for f in caches:
+        os.remove(f)
+    sequential = assess_all(load_ablation(path, {"launcher": {"kind": "inprocess"}}), progress=False)
+    trained = [(p["name"], p["predictors"], p["quality"]) for p in parallel["population"] if p["family"] == "trained"]
+    again = [(p["name"], p["predictors"], p["quality"]) for p in sequential["population"] if p["family"] == "trained"]
+    assert [t[0] for t in trained] == [t[0] for t in again] and len(trained) == 4
+    for (name, pred, q), (_, pred2, q2) in zip(trained, again):
+        for k in pred:
+            assert pred[k] == pytest.approx(pred2[k], rel=1e-12, abs=1e-12), (name, k)
+        assert q["energy_distance"] == pytest.approx(q2["energy_distance"], rel=1e-12), name

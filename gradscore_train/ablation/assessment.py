@@ -205,6 +205,49 @@ def _run_info(spec: RunSpec) -> dict:
     return info
 
 
+def _checkpoints(spec: RunSpec, st, key: str):
+    """``(checkpoint, step, cache file, samples file)`` of every checkpoint of ``spec`` that is assessed: the final one,
+    and the kept intermediate ones when the study wants them. Only the final checkpoint keeps its samples."""
+    final_step = spec.config.train.max_steps
+    for ck in checkpoint_dirs(spec.run_dir):
+        step = read_step(ck)
+        if step != final_step and not (st.enabled and st.intermediate_checkpoints):
+            continue
+        folder, name = os.path.join(spec.run_dir, "assessment"), os.path.basename(ck)
+        yield ck, step, os.path.join(folder, f"{name}-{key}.json"), os.path.join(folder, f"samples-{name}-{key}.pt")
+
+
+def _assess_checkpoint(config, ckpt: str, ac: AssessmentConfig, cache: str, samples: str | None, toy: bool,
+                       threads: int) -> str:
+    """One checkpoint's assessment into its cache file (a worker of ``_assess_in_parallel``); returns ``cache``."""
+    torch.set_num_threads(threads)
+    target = toy_mixture(config.data) if toy else build_source(config.data)
+
+    def compute():
+        sde, model, _ = load_trained(config, ckpt)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        if toy:
+            return assess(model, sde, target, ac, samples_path=samples)
+        return assess_images(model, sde, target, ac, config.eval, samples_path=samples)
+
+    _cached(cache, compute)
+    return cache
+
+
+def _assess_in_parallel(jobs: list[tuple], width: int, progress: bool) -> None:
+    """Fill the caches of ``jobs`` (the arguments of ``_assess_checkpoint``) with ``width`` spawned processes of one
+    thread each: the models are small, so processes scale where a second thread in one process does not."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=width, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_assess_checkpoint, *job, 1): job for job in jobs}
+        for i, fut in enumerate(as_completed(futures)):
+            fut.result()                               # a failed assessment raises here, naming its checkpoint
+            if progress:
+                print(f"[ablate] assessed {i + 1}/{len(jobs)}: {futures[fut][1]}", flush=True)
+
+
 def assess_all(ab: Ablation, progress: bool = True) -> dict:
     """Assess every finished run (final checkpoint, and the kept intermediate ones when the study wants
     them) and the perturbed exact scores. Returns ``{"runs": [...], "population": [...]}``."""
@@ -221,6 +264,20 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
                          "model.num_classes > 0")
     sources = {}
     base_model = None                   # images: the first finished run's final model, for the perturbed models
+    lc = ab.schema.launcher
+    width = lc.parallel if lc.kind == "subprocess" else 1
+    if width > 1 and (toy or images):   # every uncached checkpoint first, launcher.parallel at a time
+        jobs = [(spec.config, ck, ac, cache, samples if step == spec.config.train.max_steps else None, toy)
+                for spec in ab.runs() if os.path.isfile(final_metrics_path(spec))
+                for ck, step, cache, samples in _checkpoints(spec, st, key) if not os.path.isfile(cache)]
+        if len(jobs) > 1:
+            if images:                  # the quality classifier, trained once here rather than by every worker
+                from gradscore import quality as Q
+                src = build_source(jobs[0][0].data)
+                Q.feature_net(src.key(), src.images, src.labels, jobs[0][0].eval.classifier_cache)
+            if progress:
+                print(f"[ablate] assessing {len(jobs)} checkpoints, {width} processes", flush=True)
+            _assess_in_parallel(jobs, width, progress)
     for spec in ab.runs():
         info = _run_info(spec)
         runs.append(info)
@@ -233,26 +290,20 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
             if key_data not in sources:
                 sources[key_data] = build_source(spec.config.data)
             target = sources[key_data]
-        ckpts = checkpoint_dirs(spec.run_dir)
         final_step = spec.config.train.max_steps
-        for ck in ckpts:
-            step = read_step(ck)
-            if step != final_step and not (st.enabled and st.intermediate_checkpoints):
-                continue
-            folder, name = os.path.join(spec.run_dir, "assessment"), os.path.basename(ck)
-            samples = os.path.join(folder, f"samples-{name}-{key}.pt")
+        for ck, step, cache, samples in _checkpoints(spec, st, key):
             keep = samples if step == final_step else None                 # samples of the final checkpoint only
 
-            def compute(spec=spec, ck=ck, target=target, folder=folder, keep=keep):
+            def compute(spec=spec, ck=ck, target=target, cache=cache, keep=keep):
                 sde, model, _ = load_trained(spec.config, ck)
-                os.makedirs(folder, exist_ok=True)
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
                 if toy:
                     return assess(model, sde, target, ac, samples_path=keep)
                 return assess_images(model, sde, target, ac, spec.config.eval, samples_path=keep)
 
             if progress:
                 print(f"[ablate] assessing {spec.run_id} @ {step}", flush=True)
-            result = _cached(os.path.join(folder, f"{name}-{key}.json"), compute)
+            result = _cached(cache, compute)
             result.update({"name": f"{spec.run_id} @ {step}", "family": "trained", "step": step,
                            "objective": spec.objective, "seed": spec.seed})
             if images and step == final_step and base_model is None:
