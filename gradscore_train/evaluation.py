@@ -76,13 +76,16 @@ def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     return F.pad(grid, (1, 0, 1, 0), value=1.0)                              # the frame's top and left lines
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int = 8):
-    """Save ``images: [N, C, H, W]`` in ``[-1, 1]`` as one PNG grid (``image_grid``)."""
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8, min_width: int = 256):
+    """Save ``images: [N, C, H, W]`` in ``[-1, 1]`` as one PNG grid (``image_grid``), its pixels repeated (nearest
+    neighbour, an integer factor) until the grid is at least ``min_width`` pixels wide: 8x8 digits stay visible."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     grid = image_grid(images, nrow)
+    scale = max(1, -(-min_width // grid.shape[-1]))
+    grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     img = grid[0] if grid.shape[0] == 1 else rearrange(grid, "c h w -> h w c")
     plt.imsave(path, img.numpy(), cmap="gray" if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 

@@ -183,12 +183,16 @@ def plot_decomposition(runs, path: str):
             v = np.mean([[p[key] for p in a["per_time"]] for a in assessed], axis=0)
             ax.plot(t, np.maximum(v, 1e-6), marker="o", ms=3, c=colour,
                     label={"l2": "L2", "gradient": "gradient", "solenoidal": "solenoidal"}[key])
+            low = v <= 1e-6        # an unbiased estimate at or below zero (within its noise): drawn at the floor, open
+            if low.any():
+                ax.plot(np.asarray(t)[low], np.full(int(low.sum()), 1e-6), ls="none", marker="v", ms=6,
+                        mfc="white", c=colour)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("t")
         ax.set_title(label, fontsize=9)
     for row in axes:
-        row[0].set_ylabel("squared error under p_t (floored at 1e-6)")
+        row[0].set_ylabel("squared error under p_t\n(open triangles: estimate <= 0, at the floor 1e-6)", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -196,9 +200,10 @@ def plot_decomposition(runs, path: str):
     return True
 
 
-def plot_comparison(runs, quality_key: str, path: str):
+def plot_comparison(runs, quality_key: str, path: str, reference: str | None = None):
     """Quality per objective, one dot per seed and the mean as a bar, the equal-steps and equal-wall-time arms side
-    by side (the reference objective, in both arms, is drawn once). False when nothing was assessed."""
+    by side (the ``reference`` objective's runs serve both arms); a log axis when the values span more than a
+    factor 30. False when nothing was assessed."""
     plt = _plt()
     pts = [r for r in runs if "assessment" in r]
     if not pts:
@@ -210,7 +215,8 @@ def plot_comparison(runs, quality_key: str, path: str):
     for j, arm in enumerate(arms):
         for i, obj in enumerate(objectives):
             vals = [_f(r["assessment"]["quality"][quality_key]) for r in pts
-                    if r["label"].split("/max_steps=")[0] == obj and r.get("arm", "steps") == arm]
+                    if r["label"].split("/max_steps=")[0] == obj
+                    and (r.get("arm", "steps") == arm or r["objective"] == reference)]
             if not vals:
                 continue
             x = i + (j - (len(arms) - 1) / 2) * width
@@ -220,6 +226,10 @@ def plot_comparison(runs, quality_key: str, path: str):
     floor = [_f(r["assessment"]["quality"].get(f"{quality_key}_floor")) for r in pts]
     if floor and not math.isnan(floor[0]):
         ax.axhline(float(np.nanmean(floor)), color="k", ls=":", lw=1, label="two-sample floor")
+    finite = [_f(r["assessment"]["quality"][quality_key]) for r in pts]
+    finite = [v for v in finite + floor if math.isfinite(v) and v > 0]
+    if finite and max(finite) > 30 * min(finite):
+        ax.set_yscale("log")
     ax.set_xticks(range(len(objectives)))
     ax.set_xticklabels([o.replace("l2+dual_sobolev/", "l2+ds ") for o in objectives], rotation=25, ha="right",
                        fontsize=8)
@@ -426,7 +436,7 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
 
     if toy or image_study:
         figs = [("comparison.png", "Sample quality per objective (dots: seeds; bars: means)",
-                 lambda p: plot_comparison(runs, qk, p)),
+                 lambda p: plot_comparison(runs, qk, p, ab.schema.budget.wall_time)),
                 ("decomposition.png", "Per-time decomposition L2 = gradient + solenoidal (mean over seeds)",
                  lambda p: plot_decomposition(runs, p)),
                 ("kl_vs_quality.png", "The two KL bounds against measured quality (one point per run)",
