@@ -5,7 +5,8 @@
 
 The flow, one module of ``gradscore_train.ablation`` per step:
 
-1. ``config``: read and validate the grid ``objectives x seeds x grid`` under one budget;
+1. ``config``: read and validate the grid ``objectives x seeds x grid`` under one budget (equal steps);
+   ``wall_time``: with ``budget.wall_time``, a pilot times every objective's step and adds the equal-wall-time arm;
 2. ``runs``: train every run (resumable: finished runs are skipped, interrupted ones resume);
 3. ``assessment``: assess every model with the same seeds: final checkpoints for the comparison, plus
    intermediate checkpoints and the perturbed exact scores of ``population`` for the study (cached);
