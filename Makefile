@@ -24,7 +24,7 @@ test: install
 demo: install
 	$(PY) -m gradscore_train.ablate configs/ablations/toy.yaml
 
-# the correlation study on real images (issue 13): trains 12 digits models, assesses 41; resumable
+# the correlation study on real images (issue 13): trains 12 digits models, assesses 41; resumable; ~40 min on 2 cores
 study: install
 	$(PY) -m gradscore_train.ablate configs/ablations/digits_study.yaml
 
