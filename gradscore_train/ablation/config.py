@@ -7,7 +7,9 @@ builds, before any compute. ``Ablation.runs()`` lists the ``RunSpec`` of the gri
 
 Matched budget: every run is ``base`` + ``overrides`` (+ one grid point) + its objective; only
 ``objective.*`` differs between objectives, so steps, batch, backbone, learning rate and the data
-order (drawn from ``train.seed`` alone, see ``gradscore_train/data.py``) are the same. Besides the grid:
+order (drawn from ``train.seed`` alone, see ``gradscore_train/data.py``) are the same. ``budget.wall_time``
+adds a second arm at equal wall time: the same runs with ``train.max_steps`` from the pilot's frozen
+``step_costs.json`` (``wall_time.py``; ``RunSpec.arm`` tells the arms apart). Besides the grid:
 ``launcher`` (how runs are executed), ``assessment`` (how every model is assessed), ``study`` (the
 correlation study).
 """
