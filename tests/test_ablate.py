@@ -274,7 +274,8 @@ def test_image_study_tiny_grid(tmp_path):
         # two processes: the runs train in subprocesses and the checkpoints are assessed by two spawned workers
         "launcher": {"kind": "subprocess", "parallel": 2, "threads": 1},
         "assessment": {"num_samples": 64, "sample_steps": 10, "num_data": 512, "num_points": 1024, "num_times": 3,
-                       "fit_steps": 5, "solenoidal_points": 512, "likelihood_samples": 4, "likelihood_rtol": 1e-2},
+                       "fit_steps": 5, "solenoidal_points": 512, "likelihood_samples": 4, "likelihood_rtol": 1e-2,
+                       "siem_particles": 100, "siem_steps": 50},
         "study": {"quality": "classifier_fd", "rotations": [2.0], "gradient_errors": [0.5], "combinations": [],
                   "bootstrap": 50},
     }
@@ -289,10 +290,10 @@ def test_image_study_tiny_grid(tmp_path):
     for p in pop:
         assert math.isfinite(p["quality"]["classifier_fd"]) and p["quality"]["classifier_fd_floor"] >= 0
         assert 0 <= p["quality"]["class_coverage"] <= 1
-        for k in ("dsm_l2", "gradient", "solenoidal", "kl_girsanov", "kl_gradient", "bits_per_dim"):
+        for k in ("dsm_l2", "gradient", "solenoidal", "kl_girsanov", "kl_gradient", "siem", "bits_per_dim"):
             assert math.isfinite(p["predictors"][k]), (p["name"], k)
         assert p["predictors"]["kl_gradient"] <= p["predictors"]["kl_girsanov"] + 1e-9
-        assert set(p["cost_s"]) == {"quality", "diagnostics", "likelihood"} and p["cost_s"]["diagnostics"] > 0
+        assert set(p["cost_s"]) == {"quality", "diagnostics", "likelihood", "siem"} and p["cost_s"]["diagnostics"] > 0
     report, console = write_report(ab, results)
     text = open(report).read()
     assert "## Correlation study" in text and "Trained models alone (4" in text and "bits/dim" in text
@@ -303,6 +304,16 @@ def test_image_study_tiny_grid(tmp_path):
     assert os.path.isfile(os.path.join(ab.output_dir, "correlation.png"))
     again = assess_all(ab, progress=False)["population"]
     assert [p["predictors"] for p in again] == [p["predictors"] for p in pop]
+
+    # an assessment cached before SIEM was an image predictor gets it on the next pass, the same number as a fresh one
+    import glob
+    cache = sorted(glob.glob(os.path.join(ab.output_dir, "runs", "l2", "seed-0", "assessment", "step-0000004-*.json")))
+    old = json.load(open(cache[0]))
+    fresh = old["predictors"].pop("siem")
+    json.dump(old, open(cache[0], "w"))
+    migrated = [p for p in assess_all(ab, progress=False)["population"] if p["name"] == "l2/seed-0 @ 4"][0]
+    assert migrated["predictors"]["siem"] == pytest.approx(fresh, rel=1e-12)
+    assert json.load(open(cache[0]))["predictors"]["siem"] == migrated["predictors"]["siem"]
 
     # the controlled comparison without the study (configs/ablations/digits.yaml): the same image assessment of the
     # final models (read from the cache here), no population, no correlation section

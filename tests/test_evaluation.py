@@ -48,3 +48,20 @@ def test_score_diagnostics_passes_solenoidal_points_to_the_decomposition(monkeyp
     assert seen["options"] == {"steps": 5, "solenoidal_points": 64}
     assert 4 * seen["extra"]["solenoidal_points"] == seen["extra"]["num_points"]
     assert "diag/solenoidal_error/t=0.5" in out
+
+
+def test_save_grid_repeats_pixels_to_a_visible_width(tmp_path):
+    """save_grid: the image_grid with every pixel repeated an integer number of times until it is >= min_width wide
+    (nearest neighbour: the upscaled grid subsampled at the factor is the grid itself)."""
+    import matplotlib.image
+
+    from gradscore_train.evaluation import save_grid
+
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    small = image_grid(x, 8)[0]                                    # [19, 73]
+    save_grid(x, str(tmp_path / "g.png"))
+    img = torch.from_numpy(matplotlib.image.imread(tmp_path / "g.png")[..., 0].copy())
+    assert tuple(img.shape) == (4 * 19, 4 * 73)
+    assert torch.allclose(img[::4, ::4], small, atol=2 / 255)      # the gray colormap LUT and the 8-bit PNG
+    save_grid(x, str(tmp_path / "g1.png"), min_width=1)
+    assert matplotlib.image.imread(tmp_path / "g1.png").shape[:2] == (19, 73)

@@ -115,4 +115,5 @@ def test_training_on_latents_decodes_samples(tmp_path, kl_folder, monkeypatch):
     assert samples.shape == (16, 2, 4, 4)
     import matplotlib.image
     grid = matplotlib.image.imread(tmp_path / "run" / "samples" / "step-0000002.png")
-    assert grid.shape[:2] == (2 * 9 + 1, 8 * 9 + 1)         # 16 decoded 8x8 images, 8 a row, in 9-pixel cells
+    # 16 decoded 8x8 images, 8 a row, in 9-pixel cells (19 x 73), each pixel repeated 4 times (save_grid: >= 256 wide)
+    assert grid.shape[:2] == (4 * (2 * 9 + 1), 4 * (8 * 9 + 1))

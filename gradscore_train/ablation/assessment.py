@@ -47,8 +47,34 @@ from .runs import final_metrics_path
 __all__ = ["assess", "assess_images", "assess_all", "PREDICTORS", "IMAGE_PREDICTORS"]
 
 PREDICTORS = ("dsm_l2", "gradient", "solenoidal", "kl_girsanov", "kl_gradient", "siem")
-# images: no exact score, so no SIEM reference; bits/dim instead (NaN when assessment.likelihood_samples is 0)
-IMAGE_PREDICTORS = ("dsm_l2", "gradient", "solenoidal", "kl_girsanov", "kl_gradient", "bits_per_dim")
+# images: no exact score, so SIEM without a reference; bits/dim (NaN when assessment.likelihood_samples is 0)
+IMAGE_PREDICTORS = ("dsm_l2", "gradient", "solenoidal", "kl_girsanov", "kl_gradient", "siem", "bits_per_dim")
+
+
+def image_siem(score_fn, sde, shape, ac: AssessmentConfig) -> tuple[float, float, float]:
+    """``(value, stderr, seconds)`` of SIEM for an image model: ``ac.siem_particles`` particles of ``shape``, no
+    reference (no exact score on images), the same seed for every model (common random numbers)."""
+    t0 = time.perf_counter()
+    s = siem(score_fn, sde, (ac.siem_particles, *shape), steps=ac.siem_steps,
+             generator=torch.Generator().manual_seed(ac.seed + 5))
+    return s.value, s.stderr, time.perf_counter() - t0
+
+
+def _with_siem(result: dict, cache: str, load, sde_shape_ac) -> dict:
+    """An image assessment cached before SIEM was a predictor gets it now (``load()`` -> the score callable), and
+    its cache file is rewritten; one that has it is returned as it is."""
+    if "siem" in result["predictors"]:
+        return result
+    sde, shape, ac = sde_shape_ac
+    value, stderr, seconds = image_siem(load(), sde, shape, ac)
+    result["predictors"]["siem"] = value
+    result["stderr"]["siem"] = stderr
+    result["cost_s"]["siem"] = seconds
+    tmp = cache + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, cache)
+    return result
 
 
 def _finite(v: float) -> float | str:
@@ -115,9 +141,9 @@ def assess_images(score_fn, sde, source, ac: AssessmentConfig, eval_cfg, samples
       depict (``class_coverage``, ``class_share/k``); the source needs labels;
     * ``per_time`` and ``predictors`` as for toys, from the default (neural) decomposition at ``ac.num_times`` times
       (``ac.fit_steps`` steps per network, the solenoidal part on ``ac.solenoidal_points`` of the points; L2 =
-      gradient + solenoidal, without the true score), plus
+      gradient + solenoidal, without the true score), plus ``siem`` (``image_siem``: no reference) and
       ``bits_per_dim`` of ``ac.likelihood_samples`` data points (NaN when 0);
-    * ``cost_s``: wall seconds of the sample-based quality, of the diagnostics and of the likelihood.
+    * ``cost_s``: wall seconds of the sample-based quality, of the diagnostics, of the likelihood and of SIEM.
     """
     from gradscore.diagnostics import bits_per_dim
 
@@ -155,13 +181,14 @@ def assess_images(score_fn, sde, source, ac: AssessmentConfig, eval_cfg, samples
         predictors["bits_per_dim"] = float(bpd.mean())
         stderr["bits_per_dim"] = float(bpd.std() / bpd.numel() ** 0.5)
     t3 = time.perf_counter()
+    predictors["siem"], stderr["siem"], siem_seconds = image_siem(score_fn, sde, source.shape, ac)
     return {
         "quality": {k: _finite(float(v)) for k, v in q.items()},
         "per_time": per_time,
         "predictors": predictors,
         "kl_prior": kl["prior"].value,
         "stderr": stderr,
-        "cost_s": {"quality": t1 - t0, "diagnostics": t2 - t1, "likelihood": t3 - t2},
+        "cost_s": {"quality": t1 - t0, "diagnostics": t2 - t1, "likelihood": t3 - t2, "siem": siem_seconds},
     }
 
 
@@ -304,6 +331,9 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
             if progress:
                 print(f"[ablate] assessing {spec.run_id} @ {step}", flush=True)
             result = _cached(cache, compute)
+            if images:
+                result = _with_siem(result, cache, lambda spec=spec, ck=ck: load_trained(spec.config, ck)[1],
+                                    (build_sde(spec.config), target.shape, ac))
             result.update({"name": f"{spec.run_id} @ {step}", "family": "trained", "step": step,
                            "objective": spec.objective, "seed": spec.seed})
             if images and step == final_step and base_model is None:
@@ -333,8 +363,10 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
         safe = p.name.replace(" ", "_").replace("=", "").replace("+", "and")
         if progress and images:
             print(f"[ablate] assessing {name}", flush=True)
-        result = _cached(os.path.join(ab.output_dir, "study", f"{safe}-{key}.json"),
-                         lambda f=assess_one, p=p: f(p))
+        cache = os.path.join(ab.output_dir, "study", f"{safe}-{key}.json")
+        result = _cached(cache, lambda f=assess_one, p=p: f(p))
+        if images:
+            result = _with_siem(result, cache, lambda p=p: p.score_fn, (sde, source.shape, ac))
         result.update({"name": name, "family": p.family, "a": p.a, "c": p.c})
         population.append(result)
     if progress:

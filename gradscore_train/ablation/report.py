@@ -24,7 +24,7 @@ QUALITY_LABEL = {"energy_distance": "energy distance to fresh target samples",
                  "classifier_fd": "Frechet distance in the digit classifier's features to held-out data"}
 PREDICTOR_LABEL = {"dsm_l2": "DSM / L2 error ∫σ²‖e‖²", "gradient": "gradient error ∫σ²‖Π_G e‖²",
                    "solenoidal": "solenoidal error ∫σ²‖Π_S e‖²", "kl_girsanov": "Girsanov KL bound",
-                   "kl_gradient": "gradient-only KL bound", "siem": "SIEM (QV, exact score subtracted)",
+                   "kl_gradient": "gradient-only KL bound", "siem": "SIEM (QV; toys: exact score subtracted)",
                    "bits_per_dim": "bits/dim (probability-flow ODE)"}
 
 
@@ -70,8 +70,8 @@ def summary_rows(runs: list[dict], quality_key: str) -> list[dict]:
                 row[k] = fmt_mean_std([_f(a["quality"].get(k)) for a in assessed])
             for k in IMAGE_PREDICTORS:
                 row[k] = fmt_mean_std([_f(a["predictors"][k]) for a in assessed])
-            for k in ("quality", "diagnostics", "likelihood"):
-                row[f"cost_{k}"] = fmt_mean_std([_f(a["cost_s"][k]) for a in assessed])
+            for k in ("quality", "diagnostics", "likelihood", "siem"):
+                row[f"cost_{k}"] = fmt_mean_std([_f(a["cost_s"].get(k)) for a in assessed])
         elif assessed:
             def q(k, assessed=assessed):
                 return [_f(a["quality"][k]) for a in assessed]
@@ -369,12 +369,14 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
                   f"{ac.num_data} data points, {ac.num_points} points of p_t per time; errors are `∫ σ_t² ‖·‖² dt` "
                   "with L2 = gradient + solenoidal; KL bounds in nats (prior term included); bits/dim of "
                   f"{ac.likelihood_samples} data points (`-` when not measured). `cost s`: wall seconds per model of "
-                  "the sample-based quality / the diagnostics / the likelihood.", ""]
+                  "the sample-based quality / the diagnostics / the likelihood / SIEM (without a reference: there "
+                  "is no exact score).", ""]
         header = ["objective", "seeds", "classifier FD", "floor", "coverage", "DSM/L2", "gradient", "solenoidal",
-                  "KL Girsanov", "KL gradient", "bits/dim", "s/step", "wall s", "cost s (quality / diag. / lik.)"]
+                  "KL Girsanov", "KL gradient", "SIEM", "bits/dim", "s/step", "wall s",
+                  "cost s (quality / diag. / lik. / SIEM)"]
         body = [[r["label"], r["seeds"], *[r.get(k, "-") for k in ("classifier_fd", "classifier_fd_floor",
                  "class_coverage", *IMAGE_PREDICTORS)], r["sec_per_step"], r["wall_s"],
-                 " / ".join(r.get(f"cost_{k}", "-") for k in ("quality", "diagnostics", "likelihood"))]
+                 " / ".join(r.get(f"cost_{k}", "-") for k in ("quality", "diagnostics", "likelihood", "siem"))]
                 for r in rows]
     else:
         lines += ["Quality and diagnostics as measured by the training loop at the end of each run "
@@ -488,14 +490,15 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
         if plot_correlation(population, qk, corr, os.path.join(out, "correlation.png")):
             lines += ["![correlation](correlation.png)", ""]
         if image_study:
-            costs = {k: [_f(p["cost_s"][k]) for p in population if "cost_s" in p]
-                     for k in ("quality", "diagnostics", "likelihood")}
+            costs = {k: [_f(p["cost_s"].get(k)) for p in population if "cost_s" in p]
+                     for k in ("quality", "diagnostics", "likelihood", "siem")}
             if costs["quality"]:
                 lines += [f"Cost per model (mean over {len(costs['quality'])}, wall seconds on this machine): the "
                           f"sample-based quality {fmt(float(np.mean(costs['quality'])))} s; the diagnostics "
                           f"{fmt(float(np.mean(costs['diagnostics'])))} s (one decomposition per time gives DSM/L2, "
                           "the gradient and solenoidal parts and both KL bounds); bits/dim "
-                          f"{fmt(float(np.mean(costs['likelihood'])))} s.", ""]
+                          f"{fmt(float(np.mean(costs['likelihood'])))} s; SIEM "
+                          f"{fmt(float(np.nanmean(costs['siem'])))} s.", ""]
             trained = [p for p in population if p["family"] == "trained"]
             if len(trained) >= 3 and len(trained) < len(population):
                 corr_t = correlation_table(trained, qk, predictors, st.bootstrap, st.confidence)
