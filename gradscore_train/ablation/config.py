@@ -165,7 +165,8 @@ class Ablation:
         if s.budget.pilot_steps < 1 or s.budget.pilot_rounds < 1:
             raise ConfigError(f"{where}: budget.pilot_steps and budget.pilot_rounds must be positive, got "
                               f"{s.budget.pilot_steps} and {s.budget.pilot_rounds}")
-        runs = self._grid(s.overrides, "steps")
+        self._base = self._base_path()                 # a missing base is named before any run is built
+        runs = self._grid()
         if ref is not None and os.path.isfile(self.step_costs_path):
             steps = read_step_costs(self.step_costs_path, ref, runs[0].config.train.max_steps)["steps"]
             for r in list(runs):
@@ -175,8 +176,8 @@ class Ablation:
                 if n is None:
                     raise ConfigError(f"{self.step_costs_path}: no steps for {r.label!r}; delete the file to time "
                                       "the grid again")
-                runs += [t for t in self._grid(s.overrides | {"train.max_steps": int(n)}, "wall_time",
-                                               only=(r.objective, r.point, r.seed))]
+                runs.append(self._run_spec(r.objective, r.point, r.seed, s.overrides | {"train.max_steps": int(n)},
+                                           "wall_time"))
         return runs
 
     @property
@@ -184,45 +185,41 @@ class Ablation:
         """Where the pilot's seconds per step and the equal-wall-time steps are frozen (``wall_time.py``)."""
         return os.path.join(self.output_dir, "step_costs.json")
 
-    def _grid(self, overrides: dict, arm: str, only=None) -> list[RunSpec]:
-        """The runs ``objectives x grid x seeds`` with ``overrides``; ``only=(objective, point, seed)``: that one.
-        The wall-time arm's runs live under ``<objective>/.../max_steps=N/seed-S``."""
+    def _grid(self) -> list[RunSpec]:
+        """The equal-steps runs ``objectives x grid x seeds``."""
         s, where = self.schema, self.path
-        base = self._base_path()
-        common = _override_strings(overrides, f"{where} overrides")
-        keys = list(s.grid)
         runs = []
         for objective, hparams in s.objectives.items():
-            if only is not None and objective != only[0]:
-                continue
             if hparams is not None and not isinstance(hparams, dict):
                 raise ConfigError(f"{where}: objectives.{objective} must be a mapping of hyperparameters, "
                                   f"got {hparams!r}")
-            obj = [f"objective.name={json.dumps(objective)}", f"objective.hparams={json.dumps(hparams or {})}"]
             # a grid over objective.hparams.X applies to the objectives that have X; the others run once
-            mine = [k for k in keys
+            mine = [k for k in s.grid
                     if not (k.startswith("objective.hparams.") and k.split(".")[-1] not in _defaults(objective))]
             for values in itertools.product(*(s.grid[k] for k in mine)):
                 point = dict(zip(mine, values))
-                if only is not None and point != only[1]:
-                    continue
-                for seed in s.seeds:
-                    if only is not None and seed != only[2]:
-                        continue
-                    ov = common + obj + _override_strings(point, f"{where} grid") + [f"train.seed={int(seed)}"]
-                    try:
-                        cfg = load_config(base, ov)
-                        from ..build import check_objective_config
-                        check_objective_config(cfg)
-                    except ConfigError as e:
-                        raise ConfigError(f"{where}: run {objective} {point or ''} seed {seed}: {e}") from None
-                    if arm == "wall_time":            # the steps are part of what tells the run apart
-                        point = point | {"train.max_steps": cfg.train.max_steps}
-                    parts = [objective] + [f"{k.split('.')[-1]}={v}" for k, v in point.items()] + [f"seed-{seed}"]
-                    run_id = "/".join(parts)
-                    run_dir = os.path.join(self.output_dir, "runs", *parts)
-                    runs.append(RunSpec(run_id, objective, int(seed), point, cfg, run_dir, arm))
+                runs += [self._run_spec(objective, point, seed, s.overrides, "steps") for seed in s.seeds]
         return runs
+
+    def _run_spec(self, objective: str, point: dict, seed: int, overrides: dict, arm: str) -> RunSpec:
+        """One run, its training config validated. The wall-time arm's runs live under
+        ``<objective>/.../max_steps=N/seed-S``."""
+        where = self.path
+        obj = [f"objective.name={json.dumps(objective)}",
+               f"objective.hparams={json.dumps(self.schema.objectives[objective] or {})}"]
+        ov = (_override_strings(overrides, f"{where} overrides") + obj + _override_strings(point, f"{where} grid")
+              + [f"train.seed={int(seed)}"])
+        try:
+            cfg = load_config(self._base, ov)
+            from ..build import check_objective_config
+            check_objective_config(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: run {objective} {point or ''} seed {seed}: {e}") from None
+        if arm == "wall_time":            # the steps are part of what tells the run apart
+            point = point | {"train.max_steps": cfg.train.max_steps}
+        parts = [objective] + [f"{k.split('.')[-1]}={v}" for k, v in point.items()] + [f"seed-{seed}"]
+        return RunSpec("/".join(parts), objective, int(seed), point, cfg, os.path.join(self.output_dir, "runs", *parts),
+                       arm)
 
     def runs(self, arm: str | None = None) -> list[RunSpec]:
         """The runs of the grid (``arm``: of that matched budget only, ``"steps"`` or ``"wall_time"``); the
