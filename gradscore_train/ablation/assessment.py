@@ -60,20 +60,15 @@ def image_siem(score_fn, sde, shape, ac: AssessmentConfig) -> tuple[float, float
     return s.value, s.stderr, time.perf_counter() - t0
 
 
-def _with_siem(result: dict, cache: str, load, sde_shape_ac) -> dict:
-    """An image assessment cached before SIEM was a predictor gets it now (``load()`` -> the score callable), and
-    its cache file is rewritten; one that has it is returned as it is."""
+def _with_siem(result: dict, cache: str, load, shape, ac: AssessmentConfig) -> dict:
+    """An image assessment cached before SIEM was a predictor gets it now (``load()`` -> ``(sde, score callable)``,
+    called only then), and its cache file is rewritten; one that has it is returned as it is."""
     if "siem" in result["predictors"]:
         return result
-    sde, shape, ac = sde_shape_ac
-    value, stderr, seconds = image_siem(load(), sde, shape, ac)
-    result["predictors"]["siem"] = value
-    result["stderr"]["siem"] = stderr
-    result["cost_s"]["siem"] = seconds
-    tmp = cache + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, cache)
+    sde, score_fn = load()
+    result["predictors"]["siem"], result["stderr"]["siem"], result["cost_s"]["siem"] = image_siem(score_fn, sde,
+                                                                                                  shape, ac)
+    _write_json(cache, result)
     return result
 
 
@@ -192,16 +187,21 @@ def assess_images(score_fn, sde, source, ac: AssessmentConfig, eval_cfg, samples
     }
 
 
+def _write_json(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``, renamed into place (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def _cached(path: str, compute):
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
     result = compute()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    _write_json(path, result)
     return result
 
 
@@ -217,8 +217,8 @@ def _assessment_key(ac: AssessmentConfig) -> str:
 
 
 def _run_info(spec: RunSpec) -> dict:
-    info = {"run_id": spec.run_id, "label": spec.label, "objective": spec.objective, "seed": spec.seed,
-            "arm": spec.arm, "steps": spec.config.train.max_steps}
+    info = {"run_id": spec.run_id, "label": spec.label, "base_label": spec.base_label, "objective": spec.objective,
+            "seed": spec.seed, "arm": spec.arm, "steps": spec.config.train.max_steps}
     if os.path.isfile(final_metrics_path(spec)):
         with open(final_metrics_path(spec)) as f:
             info["final_metrics"] = json.load(f)
@@ -244,20 +244,23 @@ def _checkpoints(spec: RunSpec, st, key: str):
         yield ck, step, os.path.join(folder, f"{name}-{key}.json"), os.path.join(folder, f"samples-{name}-{key}.pt")
 
 
+def _assess_model(config, ckpt: str, target, ac: AssessmentConfig, samples: str | None, toy: bool) -> dict:
+    """The assessment of checkpoint ``ckpt`` against ``target`` (a toy mixture or the image source); its samples are
+    saved at ``samples`` when given."""
+    sde, model, _ = load_trained(config, ckpt)
+    if samples:
+        os.makedirs(os.path.dirname(samples), exist_ok=True)
+    if toy:
+        return assess(model, sde, target, ac, samples_path=samples)
+    return assess_images(model, sde, target, ac, config.eval, samples_path=samples)
+
+
 def _assess_checkpoint(config, ckpt: str, ac: AssessmentConfig, cache: str, samples: str | None, toy: bool,
                        threads: int) -> str:
     """One checkpoint's assessment into its cache file (a worker of ``_assess_in_parallel``); returns ``cache``."""
     torch.set_num_threads(threads)
     target = toy_mixture(config.data) if toy else build_source(config.data)
-
-    def compute():
-        sde, model, _ = load_trained(config, ckpt)
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        if toy:
-            return assess(model, sde, target, ac, samples_path=samples)
-        return assess_images(model, sde, target, ac, config.eval, samples_path=samples)
-
-    _cached(cache, compute)
+    _cached(cache, lambda: _assess_model(config, ckpt, target, ac, samples, toy))
     return cache
 
 
@@ -320,20 +323,13 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
         final_step = spec.config.train.max_steps
         for ck, step, cache, samples in _checkpoints(spec, st, key):
             keep = samples if step == final_step else None                 # samples of the final checkpoint only
-
-            def compute(spec=spec, ck=ck, target=target, cache=cache, keep=keep):
-                sde, model, _ = load_trained(spec.config, ck)
-                os.makedirs(os.path.dirname(cache), exist_ok=True)
-                if toy:
-                    return assess(model, sde, target, ac, samples_path=keep)
-                return assess_images(model, sde, target, ac, spec.config.eval, samples_path=keep)
-
             if progress:
                 print(f"[ablate] assessing {spec.run_id} @ {step}", flush=True)
-            result = _cached(cache, compute)
+            result = _cached(cache, lambda spec=spec, ck=ck, target=target, keep=keep:
+                             _assess_model(spec.config, ck, target, ac, keep, toy))
             if images:
-                result = _with_siem(result, cache, lambda spec=spec, ck=ck: load_trained(spec.config, ck)[1],
-                                    (build_sde(spec.config), target.shape, ac))
+                result = _with_siem(result, cache, lambda spec=spec, ck=ck: load_trained(spec.config, ck)[:2],
+                                    target.shape, ac)
             result.update({"name": f"{spec.run_id} @ {step}", "family": "trained", "step": step,
                            "objective": spec.objective, "seed": spec.seed})
             if images and step == final_step and base_model is None:
@@ -366,7 +362,7 @@ def assess_all(ab: Ablation, progress: bool = True) -> dict:
         cache = os.path.join(ab.output_dir, "study", f"{safe}-{key}.json")
         result = _cached(cache, lambda f=assess_one, p=p: f(p))
         if images:
-            result = _with_siem(result, cache, lambda p=p: p.score_fn, (sde, source.shape, ac))
+            result = _with_siem(result, cache, lambda p=p: (sde, p.score_fn), source.shape, ac)
         result.update({"name": name, "family": p.family, "a": p.a, "c": p.c})
         population.append(result)
     if progress:

@@ -116,6 +116,12 @@ class RunSpec:
         """The objective and grid point, without the seed (runs averaged over seeds share it)."""
         return "/".join([self.objective] + [f"{k.split('.')[-1]}={v}" for k, v in self.point.items()])
 
+    @property
+    def base_label(self) -> str:
+        """The label of the equal-steps runs this one is compared with: ``label`` without the wall-time arm's steps."""
+        return "/".join([self.objective] + [f"{k.split('.')[-1]}={v}" for k, v in self.point.items()
+                                            if k != "train.max_steps" or self.arm != "wall_time"])
+
 
 def _override_strings(mapping: dict, where: str) -> list[str]:
     out = []

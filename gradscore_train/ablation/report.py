@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .assessment import IMAGE_PREDICTORS, PREDICTORS
-from .config import Ablation
+from .config import Ablation, read_step_costs
 from .study import correlation_table
 
 __all__ = ["write_report", "summary_rows", "fmt_mean_std"]
@@ -88,6 +88,7 @@ def summary_rows(runs: list[dict], quality_key: str) -> list[dict]:
             for k in sorted({k for m in fm for k in m if k.startswith(("quality/", "diag/")) and "stderr" not in k}):
                 row[k] = fmt_mean_std([_f(m.get(k)) for m in fm])
         row["arm"], row["steps"] = group[0].get("arm", "steps"), str(group[0].get("steps", "-"))
+        row["objective"] = group[0].get("objective")
         row["train_s"] = fmt_mean_std([_f(m.get("train/seconds_per_step")) * _f(m.get("step")) for m in fm])
         row["sec_per_step"] = fmt_mean_std([_f(m.get("train/seconds_per_step")) for m in fm])
         row["wall_s"] = fmt_mean_std([_f(r.get("wall_s")) for r in done])
@@ -208,15 +209,14 @@ def plot_comparison(runs, quality_key: str, path: str, reference: str | None = N
     pts = [r for r in runs if "assessment" in r]
     if not pts:
         return False
-    objectives = list(dict.fromkeys(r["label"].split("/max_steps=")[0] for r in pts))
+    objectives = list(dict.fromkeys(r["base_label"] for r in pts))
     arms = [a for a in ("steps", "wall_time") if any(r.get("arm", "steps") == a for r in pts)]
     fig, ax = plt.subplots(figsize=(1.1 * len(objectives) + 2.5, 3.6))
     width = 0.8 / len(arms)
     for j, arm in enumerate(arms):
         for i, obj in enumerate(objectives):
             vals = [_f(r["assessment"]["quality"][quality_key]) for r in pts
-                    if r["label"].split("/max_steps=")[0] == obj
-                    and (r.get("arm", "steps") == arm or r["objective"] == reference)]
+                    if r["base_label"] == obj and (r.get("arm", "steps") == arm or r["objective"] == reference)]
             if not vals:
                 continue
             x = i + (j - (len(arms) - 1) / 2) * width
@@ -392,15 +392,13 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
         b.insert(at, r["steps"])
     ref = ab.schema.budget.wall_time
     if any(r["arm"] == "wall_time" for r in rows):       # two matched budgets: one table each
-        import json
-        with open(ab.step_costs_path) as f:
-            costs = json.load(f)
+        costs = read_step_costs(ab.step_costs_path, ref, ab.runs("steps")[0].config.train.max_steps)
         header.insert(at + 1, "train s")
         for r, b in zip(rows, body):
             b.insert(at + 1, r["train_s"])
         n_ref = costs["reference_steps"]
         steps_rows = [b for r, b in zip(rows, body) if r["arm"] == "steps"]
-        time_rows = [b for r, b in zip(rows, body) if r["arm"] == "wall_time" or r["label"].split("/")[0] == ref]
+        time_rows = [b for r, b in zip(rows, body) if r["arm"] == "wall_time" or r["objective"] == ref]
         table = _markdown_table(header, steps_rows)
         time_table = _markdown_table(header, time_rows)
         pilot = ", ".join(f"`{k}` {1e3 * v:.0f} ms" for k, v in costs["seconds_per_step"].items())

@@ -79,7 +79,7 @@ def measure_step_costs(ab: Ablation, progress: bool = True) -> dict:
         ref = _reference_label(ab, spec, labels)
         steps[label] = equal_time_steps(spec.config.train.max_steps, per_step[ref], per_step[label])
     costs = {"reference": b.wall_time, "reference_steps": n_ref, "seconds_per_step": per_step, "steps": steps,
-             "rounds": {k: v for k, v in times.items()}, "pilot_steps": b.pilot_steps, "pilot_rounds": b.pilot_rounds,
+             "rounds": times, "pilot_steps": b.pilot_steps, "pilot_rounds": b.pilot_rounds,
              "threads": lc.threads or threads, "pilot_seconds": time.perf_counter() - t0}
     os.makedirs(ab.output_dir, exist_ok=True)
     tmp_path = ab.step_costs_path + ".tmp"
