@@ -108,6 +108,7 @@ class CriticConfig:
     lr: float | None = None      # None: train.lr
     clip_grad: float | None = None   # max norm of the critic's own gradients; None: train.clip_grad (.inf: none)
     weight_decay: float = 0.0       # AdamW decay of the critic's parameters only
+    betas: list[float] | None = None   # AdamW (beta1, beta2) of the critic only, e.g. [0.5, 0.9]; None: torch's default
 
 
 @dataclass
@@ -347,6 +348,9 @@ def _check_values(cfg: Config, where: str):
     for key, v in (("train.clip_grad", t.clip_grad), ("critic.clip_grad", cfg.critic.clip_grad)):
         if v is not None and not v > 0:
             raise ConfigError(f"{where}: {key} must be > 0 or null, got {v}")
+    b = cfg.critic.betas
+    if b is not None and not (len(b) == 2 and all(0 <= v < 1 for v in b)):
+        raise ConfigError(f"{where}: critic.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {b}")
     for i, s in enumerate(cfg.eval.diag_times):
         if not 0 < s <= 1:
             raise ConfigError(f"{where}: eval.diag_times[{i}] must be in (0, 1], got {s}")

@@ -140,7 +140,8 @@ class Trainer:
         groups = [{"params": list(model.parameters()), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}]
         if critic is not None:
             groups.append({"params": list(critic.parameters()), "lr": cfg.critic.lr or cfg.train.lr,
-                           "weight_decay": cfg.critic.weight_decay})
+                           "weight_decay": cfg.critic.weight_decay}
+                          | ({"betas": tuple(cfg.critic.betas)} if cfg.critic.betas is not None else {}))
         self.base_lrs = [g["lr"] for g in groups]
         opt = make_optimizer(groups, cfg.train.lr)
         if critic is not None:

@@ -363,6 +363,35 @@ def test_equal_wall_time_arm_from_a_frozen_pilot(tmp_path):
         load_ablation(path)
 
 
+def test_wall_time_reference_with_grid_values(tmp_path):
+    """budget.wall_time may name an objective at grid values (dual_sobolev/n_critic=5): that label is the reference,
+    the objective's other grid points get a wall-time arm like the other objectives; a grid over critic.* applies
+    to the objectives with a critic only (l2 runs once, not once per critic setting). Expansion only, from a
+    hand-written step_costs.json (the pilot is covered above)."""
+    grid = {"objective.hparams.n_critic": [5, 1], "critic.lr": [0.003, 0.01]}
+    path = _write(tmp_path, seeds=[0], objectives={"l2": {}, "dual_sobolev": {}}, grid=grid,
+                  budget={"wall_time": "dual_sobolev/n_critic=5/lr=0.003"})
+    ab = load_ablation(path)
+    labels = [r.label for r in ab.runs("steps")]
+    assert labels == ["l2", "dual_sobolev/n_critic=5/lr=0.003", "dual_sobolev/n_critic=5/lr=0.01",
+                      "dual_sobolev/n_critic=1/lr=0.003", "dual_sobolev/n_critic=1/lr=0.01"]
+    r = ab.run("dual_sobolev/n_critic=1/lr=0.01/seed-0")
+    assert r.config.objective.hparams == {"n_critic": 1} and r.config.critic.lr == 0.01
+    steps = {label: 6 * (i + 1) for i, label in enumerate(labels)}
+    os.makedirs(ab.output_dir)
+    json.dump({"reference": "dual_sobolev/n_critic=5/lr=0.003", "reference_steps": 6, "steps": steps,
+               "seconds_per_step": {label: 1.0 for label in labels}}, open(ab.step_costs_path, "w"))
+    ab = load_ablation(path)
+    time_runs = {r.base_label: r.config.train.max_steps for r in ab.runs("wall_time")}
+    assert time_runs == {k: v for k, v in steps.items() if k != "dual_sobolev/n_critic=5/lr=0.003"}
+    from gradscore_train.ablation.wall_time import _reference_label
+    labelled = {r.label: r for r in ab.runs("steps")}
+    assert {_reference_label(ab, r, labelled) for r in ab.runs("steps")} == {"dual_sobolev/n_critic=5/lr=0.003"}
+    # a reference that matches no run is named with the labels there are
+    with pytest.raises(ConfigError, match="n_critic=3.*matches no run"):
+        load_ablation(path, {"budget": {"wall_time": "dual_sobolev/n_critic=3"}})
+
+
 def test_parallel_assessment_equals_the_sequential_one(tmp_path):
     """launcher.parallel > 1 assesses the uncached checkpoints in that many spawned processes of one thread; every
     number must be what the sequential pass (this process, one thread) computes: same seeds, same ops, so equal up

@@ -150,6 +150,20 @@ def test_score_model_and_critic_are_clipped_and_decayed_separately(tmp_path, cri
     assert torch.allclose(ratio, torch.full_like(ratio, critic_max_norm / 40.0), rtol=1e-5)
 
 
+def test_critic_betas_are_the_critic_groups_own(tmp_path):
+    """critic.betas sets AdamW's (beta1, beta2) of the critic's parameter group only (the score model keeps torch's
+    default), survives the optimizer's state dict, and a malformed value is refused by name."""
+    from gradscore_train.config import ConfigError
+
+    base = ["model.hidden=16", "model.depth=2", "critic.hidden=8", "critic.depth=2", "eval.quality=false"]
+    cfg = load_config(os.path.join(ROOT, "configs", "toy", "dual_sobolev.yaml"), base + ["critic.betas=[0.5, 0.9]"])
+    tr = Trainer(cfg, str(tmp_path), None, False)
+    assert [g["betas"] for g in tr.opt.param_groups] == [(0.9, 0.999), (0.5, 0.9)]
+    assert [g["betas"] for g in tr.opt.state_dict()["param_groups"]] == [(0.9, 0.999), (0.5, 0.9)]
+    with pytest.raises(ConfigError, match="critic.betas"):
+        load_config(os.path.join(ROOT, "configs", "toy", "dual_sobolev.yaml"), base + ["critic.betas=[0.5, 1.0]"])
+
+
 def test_both_gradient_norms_are_logged(tmp_path):
     """A critic objective logs the score model's and the critic's gradient norms, both finite and > 0."""
     import json

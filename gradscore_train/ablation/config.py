@@ -24,7 +24,7 @@ from typing import Literal
 from ..config import Config, ConfigError, load_config, read_yaml, structured
 
 __all__ = ["Ablation", "AblationSchema", "BudgetConfig", "LauncherConfig", "AssessmentConfig", "StudyConfig", "RunSpec",
-           "load_ablation"]
+           "is_reference", "load_ablation"]
 
 
 @dataclass
@@ -77,10 +77,11 @@ class StudyConfig:
 @dataclass
 class BudgetConfig:
     """The matched budgets. Every run of the grid has the same steps (``overrides``); with ``wall_time`` set to
-    an objective of the grid, every other objective also runs for the wall time that objective's steps take:
+    an objective of the grid (or an objective with grid values, ``dual_sobolev/n_critic=5``: ``is_reference``),
+    every other label also runs for the wall time the reference's steps take:
     ``steps_o = round(steps * c_ref / c_o)`` with ``c`` its seconds per optimizer step, timed side by side in one
     process by a pilot (``wall_time.py``) and frozen in ``<output_dir>/step_costs.json`` on the first invocation."""
-    wall_time: str | None = None    # the reference objective (e.g. energy); None: equal steps only
+    wall_time: str | None = None    # reference: an objective (energy) or one at grid values (dual_sobolev/n_critic=5)
     pilot_steps: int = 20           # timed steps per objective per round (after 3 warm-up steps)
     pilot_rounds: int = 3           # rounds over the objectives; the median per objective is kept
 
@@ -165,7 +166,7 @@ class Ablation:
             if not isinstance(vals, list) or not vals:
                 raise ConfigError(f"{where}: grid.{k} must be a non-empty list of values, got {vals!r}")
         ref = s.budget.wall_time
-        if ref is not None and ref not in s.objectives:
+        if ref is not None and ref.split("/")[0] not in s.objectives:
             raise ConfigError(f"{where}: budget.wall_time must name one of the objectives {list(s.objectives)} "
                               f"(the reference whose wall time the others get), got {ref!r}")
         if s.budget.pilot_steps < 1 or s.budget.pilot_rounds < 1:
@@ -173,10 +174,13 @@ class Ablation:
                               f"{s.budget.pilot_steps} and {s.budget.pilot_rounds}")
         self._base = self._base_path()                 # a missing base is named before any run is built
         runs = self._grid()
+        if ref is not None and not any(is_reference(r.label, ref) for r in runs):
+            raise ConfigError(f"{where}: budget.wall_time {ref!r} matches no run of the grid; name an objective or an "
+                              f"objective with grid values, one of {sorted({r.label for r in runs})}")
         if ref is not None and os.path.isfile(self.step_costs_path):
             steps = read_step_costs(self.step_costs_path, ref, runs[0].config.train.max_steps)["steps"]
             for r in list(runs):
-                if r.objective == ref:                  # the reference's equal-steps run is its equal-time run
+                if is_reference(r.label, ref):          # the reference's equal-steps run is its equal-time run
                     continue
                 n = steps.get(r.label)
                 if n is None:
@@ -199,9 +203,11 @@ class Ablation:
             if hparams is not None and not isinstance(hparams, dict):
                 raise ConfigError(f"{where}: objectives.{objective} must be a mapping of hyperparameters, "
                                   f"got {hparams!r}")
-            # a grid over objective.hparams.X applies to the objectives that have X; the others run once
+            # a grid over objective.hparams.X applies to the objectives that have X, one over critic.* to those
+            # with a critic; the others run once
             mine = [k for k in s.grid
-                    if not (k.startswith("objective.hparams.") and k.split(".")[-1] not in _defaults(objective))]
+                    if not (k.startswith("objective.hparams.") and k.split(".")[-1] not in _defaults(objective))
+                    and not (k.startswith("critic.") and not _needs_critic(objective))]
             for values in itertools.product(*(s.grid[k] for k in mine)):
                 point = dict(zip(mine, values))
                 runs += [self._run_spec(objective, point, seed, s.overrides, "steps") for seed in s.seeds]
@@ -258,6 +264,22 @@ def read_step_costs(path: str, reference: str, reference_steps: int) -> dict:
         raise ConfigError(f"{path}: timed for reference {ref!r} at {steps} steps, but the ablation asks for "
                           f"{reference!r} at {reference_steps} steps; delete the file to time the grid again")
     return costs
+
+
+def is_reference(label: str, reference: str | None) -> bool:
+    """Whether the run labelled ``label`` (``RunSpec.label``) belongs to the wall-time reference ``reference``: an
+    objective (``"energy"``: all its runs) or an objective with grid values (``"dual_sobolev/n_critic=5"``: the runs
+    of that objective at those values, whatever the other grid keys)."""
+    if reference is None:
+        return False
+    name, *fixed = reference.split("/")
+    objective, *parts = label.split("/")
+    return objective == name and all(f in parts for f in fixed)
+
+
+def _needs_critic(objective: str) -> bool:
+    from ..build import objective_spec
+    return bool(objective_spec(objective).needs_critic)
 
 
 def _defaults(objective: str) -> dict:

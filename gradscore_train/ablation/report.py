@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .assessment import IMAGE_PREDICTORS, PREDICTORS
-from .config import Ablation, read_step_costs
+from .config import Ablation, is_reference, read_step_costs
 from .study import correlation_table
 
 __all__ = ["write_report", "summary_rows", "fmt_mean_std"]
@@ -216,7 +216,7 @@ def plot_comparison(runs, quality_key: str, path: str, reference: str | None = N
     for j, arm in enumerate(arms):
         for i, obj in enumerate(objectives):
             vals = [_f(r["assessment"]["quality"][quality_key]) for r in pts
-                    if r["base_label"] == obj and (r.get("arm", "steps") == arm or r["objective"] == reference)]
+                    if r["base_label"] == obj and (r.get("arm", "steps") == arm or is_reference(r["label"], reference))]
             if not vals:
                 continue
             x = i + (j - (len(arms) - 1) / 2) * width
@@ -398,7 +398,7 @@ def write_report(ab: Ablation, results: dict) -> tuple[str, str]:
             b.insert(at + 1, r["train_s"])
         n_ref = costs["reference_steps"]
         steps_rows = [b for r, b in zip(rows, body) if r["arm"] == "steps"]
-        time_rows = [b for r, b in zip(rows, body) if r["arm"] == "wall_time" or r["objective"] == ref]
+        time_rows = [b for r, b in zip(rows, body) if r["arm"] == "wall_time" or is_reference(r["label"], ref)]
         table = _markdown_table(header, steps_rows)
         time_table = _markdown_table(header, time_rows)
         pilot = ", ".join(f"`{k}` {1e3 * v:.0f} ms" for k, v in costs["seconds_per_step"].items())

@@ -21,19 +21,26 @@ import time
 
 import torch
 
-from .config import Ablation, RunSpec
+from .config import Ablation, RunSpec, is_reference
 
 __all__ = ["measure_step_costs", "equal_time_steps"]
 
 
 def _reference_label(ab: Ablation, spec: RunSpec, labels: dict) -> str:
-    """The reference objective's label at the grid point of ``spec`` (objective hyperparameters left out)."""
+    """The reference's label at the grid point of ``spec``: the grid keys the reference fixes, objective
+    hyperparameters and critic settings left out (the others, a backbone width say, must agree)."""
     ref = ab.schema.budget.wall_time
-    point = {k: v for k, v in spec.point.items() if not k.startswith("objective.")}
+    fixed = {f.split("=", 1)[0] for f in ref.split("/")[1:]}
+
+    def shared(s: RunSpec) -> dict:
+        return {k: v for k, v in s.point.items()
+                if not k.startswith(("objective.", "critic.")) and k.split(".")[-1] not in fixed}
+
+    point = shared(spec)
     for label, other in labels.items():
-        if other.objective == ref and {k: v for k, v in other.point.items() if not k.startswith("objective.")} == point:
+        if is_reference(label, ref) and shared(other) == point:
             return label
-    raise KeyError(f"no run of the reference objective {ref!r} at grid point {point}")
+    raise KeyError(f"no run of the reference {ref!r} at grid point {point}")
 
 
 def equal_time_steps(steps: int, reference_seconds: float, seconds: float) -> int:
