@@ -190,8 +190,12 @@ def markdown(results, command: str) -> str:
         "",
         f"- Machine: {_cpu()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; no GPU used.",
         f"- Versions: {_versions()}.",
-        f"- Threads: `torch.set_num_threads({results['threads']})` for every measurement; glibc mmap threshold pinned: "
-        f"{results['malloc_pinned']}.",
+        f"- Threads: `torch.set_num_threads({results['threads']})` for every measurement. Every timing runs first, with "
+        "glibc's allocator as a training run has it; only then is its mmap threshold pinned for the memory columns "
+        f"(pinned: {results['malloc_pinned']}). Until 2026-12-04 the timings ran pinned too, which made every "
+        "allocation above 64 KiB an mmap with fresh page faults (57 us instead of 5 us for a [512, 59] float32 tensor) "
+        "and inflated the ratios of the steps that allocate more (the toy critic objectives 2.46x pinned against 2.05x "
+        "unpinned).",
         "- Time: every objective's step (forward + backward + AdamW step with the driver's fused optimizer, fixed batch) runs interleaved with the others "
         "in one process, the order rotated each round; `time / L2` is the median over rounds of the step time divided "
         "by the L2 step time of the same round (drift of a shared machine cancels); `median ms` is absolute and only "

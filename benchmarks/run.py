@@ -35,6 +35,8 @@ CASES = {
     "unet32": dict(build=lambda names=None: unet_case(32, 32, names=names), rounds=(0, 5)),
 }
 
+EXTRA_ROWS = {"unet16": ("energy_forms", "whole_attention", "wide_critic"), "unet32": ("whole_attention",)}
+
 
 def energy_form_steps(case_steps, energies=("norm", "residual")):
     """Extra rows: the ``energy`` objective with other energy forms on the same backbone."""
@@ -50,38 +52,62 @@ def energy_form_steps(case_steps, energies=("norm", "residual")):
     return out
 
 
-def run_case(name, quick, memory=True, flops=True, forms=False, log=print, bf16=False):
-    spec = CASES[name]
-    steps, info = spec["build"]()
+def whole_attention_step(case_steps):
+    """Extra row: the ``energy`` objective with its attention on the whole batch (``attention_chunk_bytes = None``;
+    the default slices the batch, ``gradscore.double_backward.math_attention``)."""
+    import copy
+
+    base = case_steps["energy"]
+    model = copy.deepcopy(base.model)
+    model.attention_chunk_bytes = None
+    return {"energy[whole attention]": Step("energy[whole attention]", model, base.objective, base.x0)}
+
+
+def build_case(name, forms=(), bf16=False):
+    """``(steps, info)`` of a case; ``forms``: extra rows, any of ``"energy_forms"``, ``"whole_attention"``,
+    ``"wide_critic"``."""
+    steps, info = CASES[name]["build"]()
+    if "energy_forms" in forms:
+        steps.update(energy_form_steps(steps))
+    if "whole_attention" in forms and "energy" in steps:
+        steps.update(whole_attention_step(steps))
+    if "wide_critic" in forms and "dual_sobolev" in steps:
+        steps["dual_sobolev[critic 48-96-160]"] = wide_critic_step(steps["l2"].x0.shape[-1], info["batch"])
     for s in steps.values():
         s.bf16 = bf16
-    if forms:
-        steps.update(energy_form_steps(steps))
-        if "dual_sobolev" in steps:
-            wide = wide_critic_step(steps["l2"].x0.shape[-1], info["batch"])
-            steps["dual_sobolev[critic 48-96-160]"] = wide
-    rounds = spec["rounds"][0 if quick else 1]
+    return steps, info
+
+
+def time_case(name, steps, info, quick, log=print) -> dict:
+    """The interleaved time ratios of a built case: ``{info, rounds, rows}``."""
+    rounds = CASES[name]["rounds"][0 if quick else 1]
     t0 = time.perf_counter()
     times = measure.interleaved_times(steps, rounds)
     ratios = measure.paired_ratios(times, "l2")
-    rows = {}
+    rows = {n: dict(ms=1e3 * measure.median(times[n]), time_ratio=ratios[n], parametrisation=type(s.model).__name__,
+                    critic_share=(n_params(s.critic) / n_params(s.model) if s.critic is not None else None))
+            for n, s in steps.items()}
+    log(f"[{name}] {rounds} rounds in {time.perf_counter() - t0:.0f} s")
+    return dict(info=info, rounds=rounds, rows=rows)
+
+
+def measure_case(steps, case: dict, memory=True, flops=True) -> None:
+    """Saved and peak bytes (after ``measure.pin_malloc``) and FLOPs of every step, with their ratios to L2, into
+    ``case["rows"]``."""
+    rows = case["rows"]
     for n, s in steps.items():
-        row = dict(ms=1e3 * measure.median(times[n]), time_ratio=ratios[n], parametrisation=type(s.model).__name__,
-                   critic_share=(n_params(s.critic) / n_params(s.model) if s.critic is not None else None))
+        row = rows[n]
         if memory:
             row["saved_mb"] = measure.saved_bytes(s.forward, s.params) / 1e6
             peak = measure.peak_bytes(s.step)
             row["peak_mb"] = None if peak is None else peak / 1e6
         if flops:
             row["gflop"] = measure.step_flops(s.step) / 1e9
-        rows[n] = row
     ref = rows["l2"]
     for row in rows.values():
         for key in ("saved_mb", "peak_mb", "gflop"):
             if row.get(key) is not None and ref.get(key):
                 row[key + "_ratio"] = row[key] / ref[key]
-    log(f"[{name}] {rounds} rounds in {time.perf_counter() - t0:.0f} s")
-    return dict(info=info, rounds=rounds, rows=rows)
 
 
 def critic_sweep(batches=((512, 30), (4096, 12)), log=print):
@@ -138,20 +164,21 @@ def main(argv=None):
     args.times_only = args.times_only or args.bf16
 
     torch.set_num_threads(args.threads)
-    pinned = measure.pin_malloc()
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
-    results = dict(threads=args.threads, malloc_pinned=pinned, cases={})
+    results = dict(threads=args.threads, malloc_pinned=False, cases={})
     names = ["toy", "unet16"] if args.quick else list(CASES)
     if args.case not in names:
         names.append(args.case)
+    brief = args.quick or args.times_only
+    built = {name: build_case(name, () if brief else EXTRA_ROWS.get(name, ()), args.bf16) for name in names}
+    # every timing first, with glibc's allocator as a training run has it; pin_malloc (for the peak memory) makes
+    # every large allocation an mmap, which would tax the steps that allocate more (BENCHMARKS.md, header)
     for name in names:
-        brief = args.quick or args.times_only
-        results["cases"][name] = run_case(name, args.quick, memory=not brief, flops=not brief,
-                                          forms=(name == "unet16" and not brief), log=log, bf16=args.bf16)
+        results["cases"][name] = time_case(name, *built[name], args.quick, log=log)
     if args.bf16:
         results["bf16"] = True
-    if not (args.quick or args.times_only):
+    if not brief:
         results["critic_sweep"] = critic_sweep(log=log)
         log("[profile] unet16 l2 vs energy")
         results["profile"] = profile_split()
@@ -164,6 +191,10 @@ def main(argv=None):
         results["driver"] = [d for d in driver if d is not None] or None
         log("[quality] gradient_error vs energy distance")
         results["quality"] = quality_cost.run()
+        results["malloc_pinned"] = measure.pin_malloc()
+        for name in names:
+            log(f"[{name}] memory and FLOPs")
+            measure_case(built[name][0], results["cases"][name])
     results["seconds"] = time.perf_counter() - started
     print(benchmarks_md.tables(results))
     if not (args.quick or args.times_only):

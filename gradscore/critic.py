@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .double_backward import CompactSiLU, attention_chunk_bytes, input_gradient, math_attention, silu_mlp_input_gradient
 from .double_backward import compact_silu as _convert_silu
-from .double_backward import input_gradient, math_attention
+from .nets import TimeMLP
 from .parametrisation import call_backbone, resolve_time_input, scalar_per_sample
 from .sde import SDE, time_tensor
 
@@ -70,11 +71,12 @@ class Critic(nn.Module):
         if compact_silu:
             _convert_silu(backbone)
         self.backbone, self.sde, self.time_input, self.potential_kind = backbone, sde, time_input, potential
+        self.attention_chunk_bytes = attention_chunk_bytes(backbone)      # as for EnergyScore
 
     def potential(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """``psi(x, t) = psi~(x, t) / sigma_t``, shape ``[B]``."""
         t = time_tensor(t, x, batch=x.shape[0])
-        with math_attention():
+        with math_attention(self.attention_chunk_bytes):
             out = call_backbone(self.backbone, x, t, self.sde, self.time_input, **cond)
         kind = self.potential_kind
         if kind == "auto":
@@ -91,5 +93,43 @@ class Critic(nn.Module):
 
     def forward(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         t = time_tensor(t, x, batch=x.shape[0])
+        layers = None if cond else self._silu_mlp_layers(x)
+        if layers is not None:
+            return self._silu_mlp_gradient(x, t, *layers)
         grad, _ = input_gradient(lambda x_, t_: self.potential(x_, t_, **cond), x, t)
         return grad.to(x.dtype)
+
+    # The scalar TimeMLP critic (the toy's): grad_x psi as one fused autograd node
+    # (double_backward.silu_mlp_input_gradient), the same function and gradients as input_gradient
+    # with ~1/3 of its operators (tests/test_fast_paths.py; BENCHMARKS.md, "What limits the critic
+    # objectives on the toy MLP"). Anything else, or anything that could observe the difference
+    # (hooks, autocast, an x that requires grad), takes the general path.
+    def _silu_mlp_layers(self, x: torch.Tensor):
+        bb = self.backbone
+        if (type(bb) is not TimeMLP or bb.out_dim != 1 or self.time_input != "t" or self.potential_kind == "inner"
+                or x.dim() < 2
+                or x.requires_grad or not torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.float64)
+                or torch.is_autocast_enabled(x.device.type) or x[0].numel() != bb.dim):
+            return None
+        mods = list(bb.net)
+        linears, acts = mods[0::2], mods[1::2]
+        if (len(mods) % 2 != 1 or not all(type(m) is nn.Linear and m.bias is not None for m in linears)
+                or not all(type(m) in (nn.SiLU, CompactSiLU) and not m.inplace for m in acts)
+                or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                       for m in (bb, bb.net, bb.time, *mods))
+                or _global_module_hooks()):
+            return None
+        return linears[:-1], linears[-1]
+
+    def _silu_mlp_gradient(self, x, t, linears, head):
+        bb = self.backbone
+        u = torch.cat([x.reshape(x.shape[0], -1), bb.time(t).to(x.dtype)], dim=1)   # TimeMLP.forward's input
+        grad = silu_mlp_input_gradient(u, bb.dim, linears, head)
+        return (grad / self.sde.sigma(t).to(x.dtype)[:, None]).reshape(x.shape)
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)

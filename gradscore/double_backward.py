@@ -8,7 +8,9 @@ double backward). The pitfalls handled here (docs/engineering.md, "Double backwa
 * The caller's tensor is never mutated: a detached copy is differentiated (unless the caller's
   tensor already requires grad, in which case it is used as is so higher derivatives flow).
 * PyTorch's fused SDPA kernels have no double backward; ``math_attention()`` selects the plain
-  math kernel, which does.
+  math kernel, which does. Its second-order backward holds several tensors the size of the attention
+  scores at once; ``math_attention(chunk_bytes)`` runs the attention on slices of the batch so those are
+  chunk-sized (``EnergyScore`` and ``Critic`` do so for a backbone with attention, ``attention_chunk_bytes``).
 * Memory of the second-order graph: under ``create_graph`` PyTorch records SiLU's derivative as a
   chain of elementwise operations (sigmoid, products, sums), each saving an activation-sized
   intermediate. ``compact_silu(module)`` swaps a module's ``nn.SiLU`` for ``CompactSiLU``: the same
@@ -19,14 +21,16 @@ double backward). The pitfalls handled here (docs/engineering.md, "Double backwa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["input_gradient", "math_attention", "CompactSiLU", "compact_silu"]
+__all__ = ["input_gradient", "math_attention", "attention_chunk_bytes", "ATTENTION_CHUNK_BYTES", "CompactSiLU",
+           "compact_silu"]
 
 
 class _SiLUDerivative(torch.autograd.Function):
@@ -87,13 +91,63 @@ def compact_silu(module: nn.Module) -> int:
     return n
 
 
-def math_attention() -> contextlib.AbstractContextManager:
-    """Context manager routing ``scaled_dot_product_attention`` to the math kernel (double-backward safe)."""
+ATTENTION_CHUNK_BYTES = 4 * 2**20
+"""Default size of one chunk's attention scores under ``math_attention(chunk_bytes=...)`` (BENCHMARKS.md, "What limits
+the energy route": 4 MiB took the 32x32 UNet's energy step from 4.0x to 2.5x L2's peak memory)."""
+
+
+class _ChunkedAttention(TorchFunctionMode):
+    """``scaled_dot_product_attention`` called on slices of the batch whose scores (``heads x L_q x L_k``) hold at most
+    ``chunk_bytes`` each, then concatenated: the same per-sample computation, so the same values; but the
+    math kernel's second-order backward (softmax's and the two products', several score-sized tensors) then runs on
+    chunk-sized tensors instead of the whole batch's."""
+
+    def __init__(self, chunk_bytes: int):
+        super().__init__()
+        self.chunk_bytes = chunk_bytes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or len(args) != 3:
+            return func(*args, **kwargs)
+        q, k, v = args
+        batch = q.shape[0]
+        per_sample = (q[0].numel() // q.shape[-1]) * k.shape[-2] * max(q.element_size(), 4)
+        n = max(1, self.chunk_bytes // max(per_sample, 1))
+        mask = kwargs.get("attn_mask")
+        if n >= batch or q.dim() < 3 or k.shape[0] != batch or v.shape[0] != batch:
+            return func(*args, **kwargs)
+        out = []
+        for i in range(0, batch, n):
+            kw = kwargs
+            if mask is not None and mask.dim() == q.dim() and mask.shape[0] == batch:
+                kw = kwargs | {"attn_mask": mask[i:i + n]}
+            out.append(func(q[i:i + n], k[i:i + n], v[i:i + n], **kw))
+        return torch.cat(out)
+
+
+@contextlib.contextmanager
+def math_attention(chunk_bytes: int | None = None) -> Iterator[None]:
+    """Route ``scaled_dot_product_attention`` to the math kernel (double-backward safe). With ``chunk_bytes``, also
+    call it on slices of the batch whose attention scores hold at most that many bytes each (``_ChunkedAttention``:
+    the same values, less memory in a double backward); ``None`` leaves the calls whole (and costs nothing per
+    operator: the chunking intercepts every torch function call in the context)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), (_ChunkedAttention(chunk_bytes) if chunk_bytes else contextlib.nullcontext()):
+        yield
+
+
+def attention_chunk_bytes(module: nn.Module) -> int | None:
+    """``ATTENTION_CHUNK_BYTES`` when ``module`` holds a diffusers ``Attention`` or an ``nn.MultiheadAttention``
+    (the modules whose ``scaled_dot_product_attention`` calls ``math_attention`` can chunk), else ``None``."""
+    kinds: tuple[type, ...] = (nn.MultiheadAttention,)
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # very old torch
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
+        from diffusers.models.attention_processor import Attention
+        kinds += (Attention,)
+    except ImportError:  # pragma: no cover - diffusers is a core dependency
+        pass
+    return ATTENTION_CHUNK_BYTES if any(isinstance(m, kinds) for m in module.modules()) else None
 
 
 def input_gradient(scalar_fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any,
@@ -126,3 +180,102 @@ def input_gradient(scalar_fn: Callable[..., torch.Tensor], x: torch.Tensor, *arg
     # through grad_x; DDP then fails on the next step ("Expected to have finished reduction"). A
     # zero-weighted value term gives them an exact zero gradient instead of None.
     return grad + 0.0 * value.reshape(-1, *([1] * (x.dim() - 1))), value
+
+
+
+# ------------------------------------------------------------------------------------------------------
+# One fused node for grad_x of a scalar SiLU MLP (the toy critic): psi~(u) = h_L . w + c with
+# h_k = silu(a_k), a_k = h_{k-1} W_k^T + b_k, h_0 = u. Autograd's double backward of the same chain
+# dispatches ~3x the operators (views, transposes, the zero-weighted value term, the composite SiLU'')
+# for the same matmuls. tests/test_fast_paths.py checks it against input_gradient.
+def _silu2_times(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``z * silu''(a)`` (``z`` overwritten), ``silu''(a) = s (1 - s) (2 + a (1 - 2 s))``, ``s = sigmoid(a)``."""
+    s = torch.sigmoid(a)
+    torch.ops.aten.sigmoid_backward.grad_input(z, s, grad_input=z)      # z s (1 - s), in place
+    return z.mul_(s.mul_(-2).add_(1).mul_(a).add_(2))                   # times 2 + a (1 - 2 s)
+
+
+class _SiLUMLPInputGradient(torch.autograd.Function):
+    """``(u [B, D], d, w, c, W_1, b_1, ..., W_L, b_L) -> grad_u psi~ [:, :d]``, ``[B, d]``, with head
+    weight ``w [1, H]`` and bias ``c`` (which the gradient does not depend on: it gets an exact zero).
+    The backward is the adjoint of the forward pass and of the gradient pass, written out; under
+    ``create_graph`` (a third derivative) it recomputes the plain autograd graph instead."""
+
+    @staticmethod
+    def forward(ctx, u, d, w, c, *wb):
+        weights, biases = wb[0::2], wb[1::2]
+        h, ins, acts = u, [], []
+        for W, b in zip(weights, biases):
+            ins.append(h)
+            acts.append(torch.addmm(b, h, W.t()))                       # F.linear's kernel on [B, D]
+            h = F.silu(acts[-1])
+        delta, deltas, cs = w.expand(u.shape[0], w.shape[1]), [], []
+        for k in range(len(weights) - 1, -1, -1):
+            deltas.append(delta)
+            cs.append(torch.ops.aten.silu_backward(delta, acts[k]))
+            delta = cs[-1].mm(weights[k][:, :d] if k == 0 else weights[k])
+        ctx.d, ctx.n = d, len(weights)
+        ctx.save_for_backward(u, w, c, *wb, *ins[1:], *acts, *deltas[:0:-1], *cs[::-1])
+        return delta
+
+    @staticmethod
+    def backward(ctx, gbar):
+        d, n = ctx.d, ctx.n
+        saved = ctx.saved_tensors
+        u, w, c, wb = saved[0], saved[1], saved[2], saved[3:3 + 2 * n]
+        if torch.is_grad_enabled():
+            return _SiLUMLPInputGradient._recompute(ctx, gbar, u, d, w, c, wb)
+        rest = saved[3 + 2 * n:]
+        weights, ins = wb[0::2], (u, *rest[:n - 1])
+        acts, deltas, cs = rest[n - 1:2 * n - 1], (*rest[2 * n - 1:3 * n - 2], w), rest[3 * n - 2:]
+        gw, gb, abar2 = [None] * n, [None] * n, [None] * n
+        dbar = gbar                                                     # adjoint of delta_{k-1}, k = 1..L
+        for k in range(n):                                              # the gradient pass, bottom-up
+            cbar = dbar.mm((weights[k][:, :d] if k == 0 else weights[k]).t())
+            gw[k] = cs[k].t().mm(dbar)
+            if k == 0 and d < u.shape[1]:
+                gw[k] = F.pad(gw[k], (0, u.shape[1] - d))
+            dbar = torch.ops.aten.silu_backward(cbar, acts[k])
+            abar2[k] = _silu2_times(cbar.mul_(deltas[k]), acts[k])
+        gw_head = dbar.sum(0, keepdim=True)                             # delta_L = w, broadcast over the batch
+        abar, gu = abar2[n - 1], None
+        for k in range(n - 1, -1, -1):                                  # the forward pass, top-down
+            gw[k] = torch.addmm(gw[k], abar.t(), ins[k])
+            gb[k] = abar.sum(0)
+            if k > 0:
+                hbar = abar.mm(weights[k])
+                abar = abar2[k - 1].add_(torch.ops.aten.silu_backward.grad_input(hbar, acts[k - 1], grad_input=hbar))
+            elif ctx.needs_input_grad[0]:
+                gu = abar.mm(weights[0])
+        return (gu, None, gw_head, torch.zeros_like(c), *(g for pair in zip(gw, gb) for g in pair))
+
+    @staticmethod
+    def _recompute(ctx, gbar, u, d, w, c, wb):
+        """The backward as a differentiable graph (grad mode on: the caller differentiates it again)."""
+        inputs = (u, w, c, *wb)
+        wanted = [i for i, x in enumerate(inputs) if ctx.needs_input_grad[i + (i > 0)]]
+        found = torch.autograd.grad(_silu_mlp_input_gradient_plain(u, d, w, c, wb), [inputs[i] for i in wanted],
+                                    gbar, create_graph=True, allow_unused=True)
+        grads = [None] * len(inputs)
+        for i, g in zip(wanted, found):
+            grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+        return (grads[0], None, *grads[1:])
+
+
+def _silu_mlp_input_gradient_plain(u, d, w, c, wb):
+    """What ``_SiLUMLPInputGradient`` computes, with autograd (the reference of the tests)."""
+    uu = u if u.requires_grad else u.detach().requires_grad_(True)
+    h = uu
+    for W, b in zip(wb[0::2], wb[1::2]):
+        h = F.silu(F.linear(h, W, b))
+    (g,) = torch.autograd.grad(F.linear(h, w, c).sum(), uu, create_graph=True)
+    return g[:, :d]
+
+
+def silu_mlp_input_gradient(u: torch.Tensor, d: int, linears: list[nn.Linear], head: nn.Linear) -> torch.Tensor:
+    """``grad_u psi~(u)[:, :d]``, ``[B, d]``, of the scalar MLP ``psi~ = head(silu(... silu(linears[0](u))))``
+    (``head = nn.Linear(H, 1)``; every layer with a bias) as one autograd node. Every parameter, the head
+    bias included (an exact zero), gets a gradient through the result, as with ``input_gradient``; the
+    derivative with respect to ``u`` is taken only when ``u`` requires grad."""
+    params = [p for lin in linears for p in (lin.weight, lin.bias)]
+    return _SiLUMLPInputGradient.apply(u, d, head.weight, head.bias, *params)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .double_backward import attention_chunk_bytes, input_gradient, math_attention
 from .double_backward import compact_silu as _convert_silu
-from .double_backward import input_gradient, math_attention
 from .sde import SDE, broadcast_to, time_tensor
 
 __all__ = ["ScoreModel", "EnergyScore", "call_backbone", "resolve_time_input", "edm_coefficients", "ENERGIES",
@@ -258,7 +258,9 @@ class EnergyScore(nn.Module):
     With ``compact_silu=True`` (the default) the backbone's ``nn.SiLU`` modules are converted to
     ``CompactSiLU`` in place (``double_backward.compact_silu``: same function, same state dict; the
     double backward saves less memory, see BENCHMARKS.md, "Fast paths tried"); ``compact_silu=False``
-    leaves the backbone untouched.
+    leaves the backbone untouched. ``attention_chunk_bytes`` (set from the backbone,
+    ``double_backward.attention_chunk_bytes``; ``None`` turns it off) runs attention on slices of the batch (same
+    values, a smaller double-backward peak).
 
     Shapes: ``forward(x: [B, *D], t: [B] or float, **cond) -> [B, *D]``; ``energy(x, t, **cond) -> [B]``.
     """
@@ -277,11 +279,12 @@ class EnergyScore(nn.Module):
         if compact_silu:
             _convert_silu(backbone)
         self.backbone, self.sde, self.time_input = backbone, sde, resolve_time_input(backbone, time_input)
+        self.attention_chunk_bytes = attention_chunk_bytes(backbone)
 
     def energy(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """``E_theta(x, t | cond)``, shape ``[B]``."""
         t = time_tensor(t, x, batch=x.shape[0])
-        with math_attention():
+        with math_attention(self.attention_chunk_bytes):
             f = call_backbone(self.backbone, x, t, self.sde, self.time_input, **cond).to(x.dtype)
         sigma = self.sde.sigma(t).to(x.dtype)
         return self._energy_fn(f, x, sigma) / sigma

@@ -177,3 +177,105 @@ def test_compact_silu_keyword_converts_or_leaves_the_backbone():
         with torch.no_grad():
             assert torch.equal(plain_model(x, t), compact_model(x, t)), wrap.__name__
         torch.testing.assert_close(plain_model(x, t), compact_model(x, t), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------ the scalar TimeMLP critic as one fused node (kept: the default)
+def _critic_grads(critic, sde, x0, fused, dtype, l2_weight=0.0):
+    """Loss, critic output and every parameter gradient of one ``dual_sobolev`` step; ``fused=False``
+    forces the general route (``input_gradient``) by patching the dispatch out."""
+    import gradscore
+    from gradscore.critic import Critic
+
+    torch.manual_seed(3)
+    model = gradscore.ScoreModel(TimeMLP(D, 24, 2), sde).to(dtype)
+    objective = gradscore.DualSobolevLoss(sde, critic, l2_weight=l2_weight)
+    saved = Critic._silu_mlp_layers
+    try:
+        if not fused:
+            Critic._silu_mlp_layers = lambda self, x: None
+        loss = objective(model, x0, generator=torch.Generator().manual_seed(2)).mean()
+        loss.backward()
+        t = torch.rand(B, dtype=dtype, generator=torch.Generator().manual_seed(4))
+        g = critic(x0, t).detach()
+    finally:
+        Critic._silu_mlp_layers = saved
+    grads = [p.grad.clone() for p in (*model.parameters(), *critic.parameters())]
+    for p in (*model.parameters(), *critic.parameters()):
+        p.grad = None
+    return loss.detach(), g, grads
+
+
+def test_fused_timemlp_critic_is_the_general_route():
+    """``Critic(TimeMLP(d, out_dim=1))`` takes ``grad_x psi`` as one fused node
+    (``double_backward.silu_mlp_input_gradient``: the adjoints of the forward and gradient passes written
+    out). Same function and gradients as ``input_gradient``: the critic output, the loss and every
+    parameter gradient (score and critic, through a ``dual_sobolev`` step) agree to 1e-12 relative in
+    float64 and 2e-5 in float32 (reassociated sums); the head bias still gets an exact zero gradient
+    (DDP sees every parameter), and the state dict is untouched."""
+    from gradscore import Critic
+
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        torch.manual_seed(0)
+        sde = VPSDE()
+        critic = Critic(TimeMLP(D, 19, 3, out_dim=1), sde).to(dtype)
+        keys = list(critic.state_dict())
+        x0 = torch.randn(B, D, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        for l2_weight in (0.0, 1.0):
+            loss_f, g_f, grads_f = _critic_grads(critic, sde, x0, True, dtype, l2_weight)
+            loss_p, g_p, grads_p = _critic_grads(critic, sde, x0, False, dtype, l2_weight)
+            assert torch.allclose(loss_f, loss_p, rtol=tol, atol=0)
+            assert torch.allclose(g_f, g_p, rtol=0, atol=tol * g_p.abs().max().item())
+            for a, b in zip(grads_f, grads_p):
+                assert torch.allclose(a, b, rtol=0, atol=tol * b.abs().max().item() + 1e-300)
+        head_bias = critic.backbone.net[-1].bias
+        assert grads_f[-1].shape == head_bias.shape and torch.equal(grads_f[-1], torch.zeros_like(head_bias))
+        assert list(critic.state_dict()) == keys
+
+
+def test_fused_silu_mlp_gradient_higher_derivatives_and_dispatch():
+    """The fused node against autograd on the same MLP in float64 (1e-12 relative): parameter gradients
+    of a loss of the gradient, the third derivative (``create_graph`` through its backward, which then
+    recomputes the plain graph) and the derivative with respect to the input. ``Critic`` uses it only
+    for a ``TimeMLP`` scalar critic in grad mode, without hooks, autocast or an input requiring grad
+    (anything else takes ``input_gradient``, unchanged)."""
+    from gradscore import Critic
+    from gradscore.double_backward import _silu_mlp_input_gradient_plain, silu_mlp_input_gradient
+
+    torch.manual_seed(0)
+    net = TimeMLP(D, 13, 3, out_dim=1).double()
+    linears = [m for m in net.net if isinstance(m, torch.nn.Linear)]
+    wb = [p for m in linears[:-1] for p in (m.weight, m.bias)]
+    params = list(net.parameters())
+    u = torch.randn(B, D + 32, dtype=torch.float64)
+    v = torch.randn(B, D, dtype=torch.float64)
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=0, atol=1e-12 * b.abs().max().item() + 1e-300)
+
+    out = {}
+    for name in ("fused", "plain"):
+        uu = u.clone().requires_grad_(True)
+        if name == "fused":
+            g = silu_mlp_input_gradient(uu, D, linears[:-1], linears[-1])
+        else:
+            g = _silu_mlp_input_gradient_plain(uu, D, linears[-1].weight, linears[-1].bias, wb)
+        first = torch.autograd.grad((g * v).sum() + (g**2).sum(), [uu, *params], create_graph=True, allow_unused=True)
+        first = [torch.zeros_like(p) if f is None else f for f, p in zip(first, [uu, *params])]
+        third = torch.autograd.grad(sum((f**2).sum() for f in first[1:]), params, allow_unused=True)
+        out[name] = (g, first, [torch.zeros_like(p) if h is None else h for h, p in zip(third, params)])
+    (g_f, first_f, third_f), (g_p, first_p, third_p) = out["fused"], out["plain"]
+    assert close(g_f, g_p)
+    assert all(close(a, b) for a, b in zip(first_f, first_p))
+    assert all(close(a, b) for a, b in zip(third_f, third_p))
+
+    critic, x = Critic(TimeMLP(D, 13, 2, out_dim=1), VPSDE()), torch.randn(B, D)
+    assert critic._silu_mlp_layers(x) is not None
+    with torch.no_grad():
+        assert critic._silu_mlp_layers(x) is None
+    assert critic._silu_mlp_layers(x.clone().requires_grad_(True)) is None
+    handle = critic.backbone.net[0].register_forward_hook(lambda *a: None)
+    assert critic._silu_mlp_layers(x) is None
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert critic._silu_mlp_layers(x) is None
+    assert Critic(TimeMLP(D, 13, 2), VPSDE(), potential="auto")._silu_mlp_layers(x) is None      # vector output
