@@ -24,6 +24,8 @@ TRIED = """\
 | reverse-over-forward: `score` from a custom `autograd.Function` whose backward takes the parameter gradient of the directional derivative `<a, grad_x E>` (forward-mode JVP of E along the detached cotangent `a`) | yes in exact arithmetic (tests/test_fast_paths.py, TimeMLP, float64) | on UNet2DModel in torch 2.13: forward AD of `group_norm` fails on the non-contiguous attention output ("view size is not compatible"), then `softmax` forward AD breaks the reverse pass (in-place on `exp`); without attention it ran at 5.3x L2 (plain: 3.2x) and its gradients disagreed with the plain route (not investigated). FLOPs: F + VJP to get `a`, then a primal+tangent forward and its backward, ~8F against ~6F | no |
 | double-backward-friendly custom `Function`s for SiLU, GroupNorm, conv2d (backward written with differentiable ops: `conv_transpose2d`, analytic SiLU'' , GroupNorm formula; weight gradients skipped during the inner `autograd.grad`) | yes (rel. error 2e-7 to 2e-6 per op) | per-op double backward: conv 0.88x, SiLU 1.05x, GroupNorm 1.5x of native: no net gain in time, more code on the default path (memory was not measured then; the SiLU part came back as `CompactSiLU` above, for its memory) | no |
 | `torch.compile` | - | refuses double backward (aot_autograd), docs/engineering.md "Double backward" | no |
+| attention on slices of the batch (`math_attention(chunk_bytes)`, a `TorchFunctionMode` that splits `scaled_dot_product_attention` calls whose scores exceed 4 MiB; `EnergyScore` and `Critic` enter it when the backbone holds attention) | yes: each sample's computation unchanged (tests/test_attention_chunks.py: values, first and second derivatives to 1e-6) | UNet 32x32 (the 16x16 UNet's scores are below the chunk size): peak 1337 -> 845 MB (4.1x -> 2.6x L2), time 2.74x -> 2.59x L2 (the rows `energy[whole attention]` and `energy` above); the mode costs ~5% of the toy MLP's energy step, so it is not entered without attention | yes, default |
+| timing with glibc's mmap threshold pinned (how every time ratio before 2026-12-04 was measured, for the memory columns) | - | every allocation over 64 KiB an mmap with fresh page faults: the ratios of the steps that allocate more were inflated, energy 3.2x -> 2.5x and dual_sobolev (toy) 2.46x -> 2.05x once timed unpinned; timings now run unpinned, memory in a fresh pinned process | fixed |
 """
 
 
@@ -164,19 +166,29 @@ def _toy_critic(results) -> str:
     if sweep:
         small = min(sweep, key=lambda c: c["share"])
         same = [c["time_ratio"] for c in sweep if c["share"] == small["share"]]
-        out += ["", f"Even a critic of {100 * small['share']:.0f}% of the parameters ({small['flop_ratio']:.2f}x the FLOPs) "
-                f"costs {min(same):.2f}-{max(same):.2f}x. The time follows the operator count, not the arithmetic: the "
-                f"critic path dispatches {small.get('ops', 0) - small.get('l2_ops', 0)} ATen operators per step on top of "
-                f"L2's {small.get('l2_ops', '-')} (`benchmarks.measure.op_count`; the critic's forward and time features, "
-                "`psi / sigma_t`, the inner `autograd.grad` with SiLU's composite double-backward formula, the "
-                "zero-weighted value term that keeps DDP reductions complete, the reversal and the projection term, "
-                "and the backward of all of them), whatever the critic's width. A profile of the 2% critic at batch 512 "
-                "put the extra time in those operators (~0.45 ms in [B, 2]- and [B]-sized kernels, ~0.4 ms in the "
-                "critic's [B, 16] kernels) while the score model's own kernels took the same time as in L2. At batch "
-                "4096 the profiles were too noisy on this shared machine to attribute the rest. So on a 2-D MLP at "
-                "these batches no critic size reaches 1.3x; the UNet's conv critic has 9-21% of the parameters but "
-                "1.5-3% of the FLOPs (stride-2 convolutions), and the score step is large enough to hide the critic "
-                "path's operators: 1.03-1.07x."]
+        out += ["", f"A critic of {100 * small['share']:.0f}% of the parameters ({small['flop_ratio']:.2f}x the FLOPs) "
+                f"costs {min(same):.2f}-{max(same):.2f}x: at these sizes the critic path's cost is per operator (and per "
+                f"allocation), not per FLOP: it dispatches {small.get('ops', 0) - small.get('l2_ops', 0)} ATen operators "
+                f"per step on top of L2's {small.get('l2_ops', '-')} (`benchmarks.measure.op_count`), whatever its width."]
+    floor = results.get("critic_floor")
+    out += ["", "Since 2026-12-04 the scalar `TimeMLP` critic's `grad_x psi` is one autograd node "
+            "(`double_backward.silu_mlp_input_gradient`, taken by `Critic.forward` for exactly that backbone without "
+            "hooks, autocast or conditioning): its backward is the adjoint of the forward and of the gradient pass "
+            "written out, mostly in place, without the unused input gradient, the zero-weighted value term or SiLU's "
+            "composite second derivative (tests/test_fast_paths.py: the general route's loss and every gradient to "
+            "1e-12 in float64). Operators per dual_sobolev step 335 -> 275 (L2: 155); time 2.05x -> 1.81x L2 unpinned, "
+            "2.49x -> 1.87x pinned (300 interleaved rounds each, measured while writing it)."]
+    if floor:
+        out += ["", f"What 1.3x would need: if the critic path were its {floor['products']} matrix products and nothing "
+                f"else, the step would cost **{floor['floor']:.2f}x** L2 (`benchmarks.run.critic_matmul_floor`: the "
+                "products a dual_sobolev step makes beyond L2's, recorded with their arguments and replayed interleaved "
+                f"with both steps, {floor['rounds']} rounds; the step itself {floor['time_ratio']:.2f}x in the same "
+                "rounds). The critic's products at width 59 (forward, gradient pass and their adjoints: half of L2's "
+                "FLOPs) run at a fraction of the score MLP's throughput, so with a critic of a quarter of the "
+                "parameters the 1.3x target is below the arithmetic floor of the 2-D MLP; a 2-6% critic (the sweep "
+                "above) is the only route there, and it costs `dual_sobolev` alone quality "
+                "(`configs/ablations/toy_critic.yaml`, below). The UNet's conv critic has 9-21% of the parameters but "
+                "1.5-3% of the FLOPs (stride-2 convolutions) and costs 1.02-1.07x."]
     return "\n".join(out)
 
 
@@ -229,9 +241,19 @@ def markdown(results, command: str) -> str:
             "cotangent per SiLU instead. What remains above L2: the cotangents (SiLU derivative inputs, 22.4 MB in "
             "`ConvolutionBackwardBackward0`), the math-kernel attention's `bmm`/`softmax` inputs (14.7 MB) and "
             "GroupNorm's own composite double backward (26.1 MB of products of its normalised input). Peak memory adds "
-            "the transients of the outer backward on top of what is saved; at 32x32 they set the peak (see the table: "
-            "peak well above saved), and evaluating SiLU'' in place (tried while writing this) did not lower it, so they "
-            "come from GroupNorm's and the convolutions' double backward and the attention; not attributed further.",
+            "the transients of the outer backward on top of what is saved. At 32x32 they set the peak, and "
+            "`python benchmarks/peak_attribution.py --case unet32 --whole-attention` (every live tensor at the peak, by "
+            "the operator that made it) names them: of the whole-attention energy step's 1280 MB peak (in the outer "
+            "backward; L2's: 318 MB, in the forward), 659 MB were made by the backward, 576 MB of it tensors of the "
+            "mid-block attention's score shape [32, 8, 256, 256] (five `mul`, two `sub`, an `add` and "
+            "`_softmax_backward_data`: the math kernel's second-order softmax and product formulas). `EnergyScore` and "
+            "`Critic` now call the attention on slices of the batch with at most 4 MiB of scores each "
+            "(`double_backward.math_attention(chunk_bytes)`, exact: tests/test_attention_chunks.py): the unet32 peak "
+            "fell from 4.1x to 2.6x L2's (the `energy[whole attention]` row beside `energy`) and the peak is now the "
+            "saved graph itself (818 MB saved, 845 MB at the peak); finer slices (one sample) did not "
+            "lower it further, since the engine interleaves the slices' backward nodes. At 16x16 the attention's scores "
+            "are 32x smaller and are not sliced. What is left above L2 is saved memory: GroupNorm's and SiLU's inputs "
+            "for the second-order formulas, the convolutions' cotangents, the attention's probabilities (64 MB at 32x32).",
             "",
             "## Fast paths tried (exact routes only)", "", TRIED, "",
             "## What limits the critic objectives on the toy MLP", "", _toy_critic(results), "", CRITIC_CAPACITY, "",

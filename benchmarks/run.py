@@ -91,6 +91,25 @@ def time_case(name, steps, info, quick, log=print) -> dict:
     return dict(info=info, rounds=rounds, rows=rows)
 
 
+def _memory_in_subprocess(name: str, threads: int) -> dict:
+    """``measure_case`` of the full run's case ``name`` in a fresh interpreter that pins glibc's allocator before
+    allocating anything (pinning later does not take: the heap has already grown, and resident memory no longer
+    follows live tensors). Returns ``{row: {saved_mb, peak_mb, gflop, ..._ratio}, "malloc_pinned": bool}``."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-case", name, "--threads", str(threads)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _memory_case_main(name: str) -> None:
+    pinned = measure.pin_malloc()
+    steps, info = build_case(name, EXTRA_ROWS.get(name, ()))
+    case = dict(rows={n: {} for n in steps})
+    measure_case(steps, case)
+    print(json.dumps({**case["rows"], "malloc_pinned": pinned}))
+
+
 def measure_case(steps, case: dict, memory=True, flops=True) -> None:
     """Saved and peak bytes (after ``measure.pin_malloc``) and FLOPs of every step, with their ratios to L2, into
     ``case["rows"]``."""
@@ -127,6 +146,56 @@ def critic_sweep(batches=((512, 30), (4096, 12)), log=print):
     return out
 
 
+def critic_matmul_floor(rounds=300, log=print):
+    """Toy MLP, ``dual_sobolev``: what its step would cost over L2 if the critic path were its matrix products and
+    nothing else. The ``mm``/``addmm`` calls of one L2 step and of one dual_sobolev step are recorded (with their
+    arguments); the products the L2 step does not have are the critic's, replayed interleaved with the two steps:
+    ``floor = 1 + time(critic products) / time(L2 step)``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    steps, _ = toy_case(batch=512, names=["l2", "dual_sobolev"])
+    products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+    def record(step):
+        calls = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in products:
+                    calls.append((func, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)))
+                return func(*args, **(kwargs or {}))
+
+        step()
+        with Mode():
+            step()
+        return calls
+
+    def key(call):
+        return str(call[0]), tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in call[1])
+
+    left = {}
+    for c in record(steps["l2"].step):
+        left[key(c)] = left.get(key(c), 0) + 1
+    extra = []
+    for c in record(steps["dual_sobolev"].step):
+        if left.get(key(c), 0) > 0:
+            left[key(c)] -= 1
+        else:
+            extra.append(c)
+
+    def replay():
+        for func, args in extra:
+            func(*args)
+
+    t0 = time.perf_counter()
+    ratios = measure.paired_ratios(measure.interleaved_times(
+        {"l2": steps["l2"].step, "dual_sobolev": steps["dual_sobolev"].step, "critic products": replay}, rounds,
+        warmup=5), "l2")
+    log(f"[critic floor] {rounds} rounds in {time.perf_counter() - t0:.0f} s")
+    return dict(products=len(extra), floor=1 + ratios["critic products"], time_ratio=ratios["dual_sobolev"],
+                rounds=rounds)
+
+
 def profile_split(case="unet16", names=("l2", "energy")):
     """Self CPU time of one step split into matmul-like kernels (convolution, mm, attention) and
     everything else (normalisation, activations and their double-backward formulas, copies)."""
@@ -160,10 +229,13 @@ def main(argv=None):
     ap.add_argument("--times-only", action="store_true",
                     help="every case at full rounds, time ratios only (no memory, FLOPs or extras; no report written)")
     ap.add_argument("--bf16", action="store_true", help="every loss under bf16 autocast (implies --times-only)")
+    ap.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)   # internal: _memory_in_subprocess
     args = ap.parse_args(argv)
     args.times_only = args.times_only or args.bf16
 
     torch.set_num_threads(args.threads)
+    if args.memory_case:
+        return _memory_case_main(args.memory_case)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
     results = dict(threads=args.threads, malloc_pinned=False, cases={})
@@ -172,14 +244,15 @@ def main(argv=None):
         names.append(args.case)
     brief = args.quick or args.times_only
     built = {name: build_case(name, () if brief else EXTRA_ROWS.get(name, ()), args.bf16) for name in names}
-    # every timing first, with glibc's allocator as a training run has it; pin_malloc (for the peak memory) makes
-    # every large allocation an mmap, which would tax the steps that allocate more (BENCHMARKS.md, header)
+    # every timing with glibc's allocator as a training run has it; pin_malloc (for the peak memory, in a fresh
+    # process below) makes every large allocation an mmap, which would tax the steps that allocate more
     for name in names:
         results["cases"][name] = time_case(name, *built[name], args.quick, log=log)
     if args.bf16:
         results["bf16"] = True
     if not brief:
         results["critic_sweep"] = critic_sweep(log=log)
+        results["critic_floor"] = critic_matmul_floor(log=log)
         log("[profile] unet16 l2 vs energy")
         results["profile"] = profile_split()
         from benchmarks import driver_overhead, quality_cost
@@ -191,10 +264,13 @@ def main(argv=None):
         results["driver"] = [d for d in driver if d is not None] or None
         log("[quality] gradient_error vs energy distance")
         results["quality"] = quality_cost.run()
-        results["malloc_pinned"] = measure.pin_malloc()
+        del built
         for name in names:
-            log(f"[{name}] memory and FLOPs")
-            measure_case(built[name][0], results["cases"][name])
+            log(f"[{name}] memory and FLOPs (a fresh process)")
+            measured = _memory_in_subprocess(name, args.threads)
+            results["malloc_pinned"] = measured.pop("malloc_pinned")
+            for row, values in measured.items():
+                results["cases"][name]["rows"][row].update(values)
     results["seconds"] = time.perf_counter() - started
     print(benchmarks_md.tables(results))
     if not (args.quick or args.times_only):

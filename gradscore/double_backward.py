@@ -92,8 +92,8 @@ def compact_silu(module: nn.Module) -> int:
 
 
 ATTENTION_CHUNK_BYTES = 4 * 2**20
-"""Default size of one chunk's attention scores under ``math_attention(chunk_bytes=...)`` (BENCHMARKS.md, "What limits
-the energy route": 4 MiB took the 32x32 UNet's energy step from 4.0x to 2.5x L2's peak memory)."""
+"""Default size of one chunk's attention scores under ``math_attention(chunk_bytes=...)`` (what it saves: BENCHMARKS.md,
+"What limits the energy route")."""
 
 
 class _ChunkedAttention(TorchFunctionMode):

@@ -34,7 +34,8 @@ __all__ = ["main"]
 
 
 def main(argv=None) -> int:
-    """Run the CLI; returns the exit code (2: a config error, 3: ``--run-one`` failed with NaN/Inf)."""
+    """Run the CLI; returns the exit code (2: a config error, 3: ``--run-one`` failed with NaN/Inf, 4: a run crashed,
+    the report written without it)."""
     p = argparse.ArgumentParser(prog="python -m gradscore_train.ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="ablation YAML, e.g. configs/ablations/toy.yaml")
     p.add_argument("--run-one", default=None, metavar="RUN_ID", help=argparse.SUPPRESS)
@@ -56,14 +57,18 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"[ablate] {ab.schema.name}: {len(ab.runs())} runs ({len(ab.schema.objectives)} objectives x "
           f"{len(ab.schema.seeds)} seeds{' x grid' if ab.schema.grid else ''}) -> {ab.output_dir}", flush=True)
-    if not args.report_only:
-        train_all(ab)
-    if args.runs_only:
-        return 0
-    results = assess_all(ab)
-    path, table = write_report(ab, results)
-    print(table)
-    print(f"[ablate] report: {path}  ({time.perf_counter() - t0:.1f}s)")
+    status = {} if args.report_only else train_all(ab)
+    # a run that stopped on NaN/Inf is a result of the comparison ("failed (non-finite loss ..."); a crash is not
+    crashed = {k: v for k, v in status.items() if v.startswith("failed (exit")}
+    if not args.runs_only:
+        results = assess_all(ab)
+        path, table = write_report(ab, results)
+        print(table)
+        print(f"[ablate] report: {path}  ({time.perf_counter() - t0:.1f}s)")
+    if crashed:
+        print(f"[ablate] {len(crashed)} run(s) crashed and are missing from the comparison (run the command again to "
+              "retry them):\n" + "\n".join(f"  {k}: {v}" for k, v in crashed.items()), file=sys.stderr)
+        return 4
     return 0
 
 

@@ -169,6 +169,35 @@ def test_subprocess_launcher_trains_and_skips(tmp_path):
     assert metrics["step"] == 6 and metrics["train/seconds_per_step"] > 0
 
 
+def test_a_crashed_run_fails_the_ablation_a_diverged_one_does_not(tmp_path, monkeypatch, capsys):
+    """Subprocess launcher: a run whose process dies without recording a NonFiniteLoss is a crash (status names the
+    exit code and train.log; the command exits 4 naming it), one that recorded a NonFiniteLoss (what train_one does
+    on NaN/Inf) is a result of the comparison ("non-finite loss"; exit 0)."""
+    import sys
+
+    from gradscore_train.ablation import runs
+
+    path = _write(tmp_path, seeds=[0], launcher={"kind": "subprocess", "parallel": 2, "threads": 1})
+    record = ("import json, os, sys; f = os.path.join(sys.argv[1], 'ablation_log.json'); "
+              "old = json.load(open(f)) if os.path.isfile(f) else []; "
+              "json.dump(old + [{'status': 'failed', 'error': 'NaN'}], open(f, 'w')); sys.exit(3)")
+
+    def fake(ab, spec):
+        if spec.objective == "l2":
+            return [sys.executable, "-c", "raise SystemExit(1)"]
+        return [sys.executable, "-c", record, spec.run_dir]
+
+    monkeypatch.setattr(runs, "launch_command", fake)
+    status = runs.train_all(load_ablation(path), progress=False)
+    assert status["l2/seed-0"].startswith("failed (exit 1, see") and "train.log" in status["l2/seed-0"]
+    assert status["energy/seed-0"].startswith("failed (non-finite loss")
+    assert main([path, "--runs-only"]) == 4
+    err = capsys.readouterr().err
+    assert "1 run(s) crashed" in err and "l2/seed-0" in err and "energy/seed-0" not in err
+    monkeypatch.setattr(runs, "launch_command", lambda ab, spec: [sys.executable, "-c", record, spec.run_dir])
+    assert main([path, "--runs-only"]) == 0
+
+
 def test_accelerate_launcher_command(tmp_path):
     # the launch itself (2 gloo processes on CPU) was checked by hand; here: the command line it runs
     launcher = {"kind": "accelerate", "num_processes": 3, "extra_args": ["--main_process_port", "0"]}

@@ -143,9 +143,13 @@ def plot_samples(runs, mixture, path: str):
         return False
     data = mixture.sample(2000, generator=torch.Generator().manual_seed(0))
     n = len(firsts)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.7), squeeze=False)
+    cols = min(n, 5)                                   # rows of five: long grid labels stay readable
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.7 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
     lim = float(data.abs().max()) * 1.35
-    for ax, (label, r) in zip(axes[0], firsts.items()):
+    for ax, (label, r) in zip(axes.flat, firsts.items()):
         x = torch.load(r["samples_path"], weights_only=True)
         ok = torch.isfinite(x).all(1)
         ax.scatter(data[:, 0], data[:, 1], s=1, c="lightgray")
@@ -153,7 +157,8 @@ def plot_samples(runs, mixture, path: str):
         ed = r["assessment"]["quality"]["energy_distance"]
         outside = float((~ok | (x.abs() > lim).any(1)).float().mean())
         note = f", {outside:.0%} outside the frame" if outside > 0.005 else ""
-        ax.set_title(f"{label} (seed {r['seed']})\nED {fmt(_f(ed))}" + note, fontsize=8)
+        title = label.replace("/", "\n", label.count("/") - 1) if len(label) > 36 else label   # wrap long labels
+        ax.set_title(f"{title} (seed {r['seed']})\nED {fmt(_f(ed))}" + note, fontsize=7)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")

@@ -28,13 +28,19 @@ def final_metrics_path(spec: RunSpec) -> str:
     return os.path.join(spec.run_dir, "final_metrics.json")
 
 
+def _segments(spec: RunSpec) -> list[dict]:
+    """The training segments recorded in ``run_dir/ablation_log.json`` (``[]`` before the first)."""
+    path = os.path.join(spec.run_dir, "ablation_log.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def _record(spec: RunSpec, entry: dict):
     """Append a training segment (wall time, steps, status) to ``run_dir/ablation_log.json``."""
     path = os.path.join(spec.run_dir, "ablation_log.json")
-    segments = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            segments = json.load(f)
+    segments = _segments(spec)
     segments.append(entry)
     os.makedirs(spec.run_dir, exist_ok=True)
     with open(path, "w") as f:
@@ -122,16 +128,22 @@ def train_all(ab: Ablation, progress: bool = True) -> dict:
             os.makedirs(spec.run_dir, exist_ok=True)
             logf = open(os.path.join(spec.run_dir, "train.log"), "a")
             proc = subprocess.Popen(launch_command(ab, spec), stdout=logf, stderr=subprocess.STDOUT, env=_env(ab))
-            running.append((spec, proc, logf, time.perf_counter()))
+            running.append((spec, proc, logf, time.perf_counter(), len(_segments(spec))))
         time.sleep(0.2)
         for item in list(running):
-            spec, proc, logf, t0 = item
+            spec, proc, logf, t0, before = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             logf.close()
             ok = proc.returncode == 0 and os.path.isfile(final_metrics_path(spec))
-            status[spec.run_id] = "trained" if ok else f"failed (exit {proc.returncode}, see {spec.run_dir}/train.log)"
+            new = _segments(spec)[before:]
+            if ok:
+                status[spec.run_id] = "trained"
+            elif new and new[-1]["status"] == "failed":     # train_one recorded a NonFiniteLoss: a result, not a crash
+                status[spec.run_id] = f"failed (non-finite loss, see {spec.run_dir}/ablation_log.json)"
+            else:
+                status[spec.run_id] = f"failed (exit {proc.returncode}, see {spec.run_dir}/train.log)"
             if progress:
                 print(f"[ablate] {spec.run_id}: {status[spec.run_id]} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return status
