@@ -110,18 +110,16 @@ def _memory_case_main(name: str) -> None:
     print(json.dumps({**case["rows"], "malloc_pinned": pinned}))
 
 
-def measure_case(steps, case: dict, memory=True, flops=True) -> None:
+def measure_case(steps, case: dict) -> None:
     """Saved and peak bytes (after ``measure.pin_malloc``) and FLOPs of every step, with their ratios to L2, into
     ``case["rows"]``."""
     rows = case["rows"]
     for n, s in steps.items():
         row = rows[n]
-        if memory:
-            row["saved_mb"] = measure.saved_bytes(s.forward, s.params) / 1e6
-            peak = measure.peak_bytes(s.step)
-            row["peak_mb"] = None if peak is None else peak / 1e6
-        if flops:
-            row["gflop"] = measure.step_flops(s.step) / 1e9
+        row["saved_mb"] = measure.saved_bytes(s.forward, s.params) / 1e6
+        peak = measure.peak_bytes(s.step)
+        row["peak_mb"] = None if peak is None else peak / 1e6
+        row["gflop"] = measure.step_flops(s.step) / 1e9
     ref = rows["l2"]
     for row in rows.values():
         for key in ("saved_mb", "peak_mb", "gflop"):

@@ -123,8 +123,7 @@ class Critic(nn.Module):
 
     def _silu_mlp_gradient(self, x, t, linears, head):
         bb = self.backbone
-        u = torch.cat([x.reshape(x.shape[0], -1), bb.time(t).to(x.dtype)], dim=1)   # TimeMLP.forward's input
-        grad = silu_mlp_input_gradient(u, bb.dim, linears, head)
+        grad = silu_mlp_input_gradient(bb.net_input(x, t), bb.dim, linears, head)
         return (grad / self.sde.sigma(t).to(x.dtype)[:, None]).reshape(x.shape)
 
 

@@ -185,7 +185,6 @@ def input_gradient(scalar_fn: Callable[..., torch.Tensor], x: torch.Tensor, *arg
     return grad + 0.0 * value.reshape(-1, *([1] * (x.dim() - 1))), value
 
 
-
 # ------------------------------------------------------------------------------------------------------
 # One fused node for grad_x of a scalar SiLU MLP (the toy critic): psi~(u) = h_L . w + c with
 # h_k = silu(a_k), a_k = h_{k-1} W_k^T + b_k, h_0 = u. Autograd's double backward of the same chain

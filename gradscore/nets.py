@@ -44,9 +44,13 @@ class TimeMLP(nn.Module):
         layers.append(nn.Linear(width, self.out_dim))
         self.net = nn.Sequential(*layers)
 
+    def net_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What ``self.net`` reads, ``[B, dim + time_dim]``: the flattened ``x`` and the features of ``t [B]``."""
+        return torch.cat([x.reshape(x.shape[0], -1), self.time(t).to(x.dtype)], dim=1)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = time_tensor(t, x, batch=x.shape[0])
-        h = self.net(torch.cat([x.reshape(x.shape[0], -1), self.time(t).to(x.dtype)], dim=1))
+        h = self.net(self.net_input(x, t))
         if self.out_dim == 1:
             return h[:, 0]
         return h.reshape(x.shape) if h.shape[1] == x[0].numel() else h

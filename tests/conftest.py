@@ -36,3 +36,18 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+@pytest.fixture
+def attention_unet():
+    """A factory of small diffusers ``UNet2DModel``s with attention in a down block, an up block and the mid block
+    (8x8, channels (16, 32), 3 image channels by default), built after ``torch.manual_seed(0)``."""
+    def make(sample_size: int = 8, channels: int = 3):
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(0)
+        return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels,
+                           block_out_channels=(16, 32), norm_num_groups=8,
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    return make

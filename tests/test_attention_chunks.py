@@ -49,22 +49,13 @@ def test_chunked_attention_equals_the_whole_batch_to_second_order():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_energy_and_critic_on_a_unet_chunk_their_attention_exactly():
+def test_energy_and_critic_on_a_unet_chunk_their_attention_exactly(attention_unet):
     """EnergyScore and Critic around a diffusers UNet with attention chunk by default (attention_chunk_bytes); a
     chunk of 2 samples gives the DSM loss and every parameter gradient of the whole-batch route (1e-6)."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     sde = VPSDE()
-    energy = EnergyScore(unet, sde)
+    energy = EnergyScore(attention_unet(), sde)
     assert energy.attention_chunk_bytes == ATTENTION_CHUNK_BYTES
-    assert Critic(UNet2DModel(sample_size=8, block_out_channels=(16, 32), norm_num_groups=8,
-                              down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                              up_block_types=("AttnUpBlock2D", "UpBlock2D")), sde,
-                  potential="inner").attention_chunk_bytes == ATTENTION_CHUNK_BYTES
+    assert Critic(attention_unet(), sde, potential="inner").attention_chunk_bytes == ATTENTION_CHUNK_BYTES
     assert attention_chunk_bytes(TimeMLP(2)) is None and EnergyScore(TimeMLP(2), sde).attention_chunk_bytes is None
     x0 = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 

@@ -115,7 +115,7 @@ def test_compact_silu_is_silu_with_its_derivatives():
     assert torch.allclose(g_c, g_p, rtol=1e-6, atol=1e-7) and torch.allclose(h_c, h_p, rtol=1e-6, atol=1e-7)
 
 
-def test_compact_silu_energy_on_a_unet_is_exact_and_saves_less():
+def test_compact_silu_energy_on_a_unet_is_exact_and_saves_less(attention_unet):
     """EnergyScore converts its backbone's nn.SiLU (compact_silu). On a diffusers UNet with attention
     the DSM loss is bitwise the plain route's (same forward kernels) and the parameter gradients agree
     to float32 rounding (global relative 1e-5; measured 7e-7: only the SiLU second derivative is
@@ -123,15 +123,10 @@ def test_compact_silu_energy_on_a_unet_is_exact_and_saves_less():
     backward (measured 64% on the benchmark UNet, BENCHMARKS.md)."""
     import copy
 
-    from diffusers import UNet2DModel
-
     from benchmarks.measure import saved_bytes
     from gradscore.double_backward import CompactSiLU
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    unet = attention_unet()
     sde = VPSDE()
     compact = EnergyScore(unet, sde)
     assert sum(type(m) is CompactSiLU for m in compact.modules()) > 5

@@ -40,9 +40,9 @@ from gradscore.sampling import sample
 from ..build import build_sde, load_trained
 from ..checkpoint import checkpoint_dirs, read_step
 from ..data import build_source, toy_mixture
-from .config import Ablation, AssessmentConfig, RunSpec
+from .config import Ablation, AssessmentConfig, RunSpec, write_json
 from .population import perturbed_scores
-from .runs import final_metrics_path
+from .runs import final_metrics_path, segments
 
 __all__ = ["assess", "assess_images", "assess_all", "PREDICTORS", "IMAGE_PREDICTORS"]
 
@@ -68,7 +68,7 @@ def _with_siem(result: dict, cache: str, load, shape, ac: AssessmentConfig) -> d
     sde, score_fn = load()
     result["predictors"]["siem"], result["stderr"]["siem"], result["cost_s"]["siem"] = image_siem(score_fn, sde,
                                                                                                   shape, ac)
-    _write_json(cache, result)
+    write_json(cache, result)
     return result
 
 
@@ -187,21 +187,12 @@ def assess_images(score_fn, sde, source, ac: AssessmentConfig, eval_cfg, samples
     }
 
 
-def _write_json(path: str, obj) -> None:
-    """``obj`` as JSON at ``path``, renamed into place (a reader never sees half a file)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _cached(path: str, compute):
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
     result = compute()
-    _write_json(path, result)
+    write_json(path, result)
     return result
 
 
@@ -222,10 +213,7 @@ def _run_info(spec: RunSpec) -> dict:
     if os.path.isfile(final_metrics_path(spec)):
         with open(final_metrics_path(spec)) as f:
             info["final_metrics"] = json.load(f)
-    logp, segs = os.path.join(spec.run_dir, "ablation_log.json"), []
-    if os.path.isfile(logp):
-        with open(logp) as f:
-            segs = json.load(f)
+    segs = segments(spec)
     info["wall_s"] = sum(s["wall_s"] for s in segs if s["status"] != "failed") if segs else None
     info["failed"] = next((s["error"] for s in reversed(segs) if s["status"] == "failed"), None) \
         if not os.path.isfile(final_metrics_path(spec)) else None

@@ -115,13 +115,21 @@ class RunSpec:
     @property
     def label(self) -> str:
         """The objective and grid point, without the seed (runs averaged over seeds share it)."""
-        return "/".join([self.objective] + [f"{k.split('.')[-1]}={v}" for k, v in self.point.items()])
+        return "/".join(_label_parts(self.objective, self.point))
 
     @property
     def base_label(self) -> str:
         """The label of the equal-steps runs this one is compared with: ``label`` without the wall-time arm's steps."""
-        return "/".join([self.objective] + [f"{k.split('.')[-1]}={v}" for k, v in self.point.items()
-                                            if k != "train.max_steps" or self.arm != "wall_time"])
+        point = self.point
+        if self.arm == "wall_time":
+            point = {k: v for k, v in point.items() if k != "train.max_steps"}
+        return "/".join(_label_parts(self.objective, point))
+
+
+def _label_parts(objective: str, point: dict) -> list[str]:
+    """``[objective, "key=value", ...]`` (the last component of each dotted grid key): a label's and a run
+    directory's parts."""
+    return [objective] + [f"{k.split('.')[-1]}={v}" for k, v in point.items()]
 
 
 def _override_strings(mapping: dict, where: str) -> list[str]:
@@ -229,7 +237,7 @@ class Ablation:
             raise ConfigError(f"{where}: run {objective} {point or ''} seed {seed}: {e}") from None
         if arm == "wall_time":            # the steps are part of what tells the run apart
             point = point | {"train.max_steps": cfg.train.max_steps}
-        parts = [objective] + [f"{k.split('.')[-1]}={v}" for k, v in point.items()] + [f"seed-{seed}"]
+        parts = _label_parts(objective, point) + [f"seed-{seed}"]
         return RunSpec("/".join(parts), objective, int(seed), point, cfg, os.path.join(self.output_dir, "runs", *parts),
                        arm)
 
@@ -247,6 +255,15 @@ class Ablation:
             if r.run_id == run_id:
                 return r
         raise KeyError(f"no run {run_id!r} in {self.path}; runs are {[r.run_id for r in self._runs]}")
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``, renamed into place (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def read_step_costs(path: str, reference: str, reference_steps: int) -> dict:

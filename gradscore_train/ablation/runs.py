@@ -18,9 +18,9 @@ import time
 import torch
 
 from ..checkpoint import latest_intact_checkpoint, read_step
-from .config import Ablation, RunSpec
+from .config import Ablation, RunSpec, write_json
 
-__all__ = ["train_one", "train_all", "launch_command", "final_metrics_path"]
+__all__ = ["train_one", "train_all", "launch_command", "final_metrics_path", "segments"]
 
 
 def final_metrics_path(spec: RunSpec) -> str:
@@ -28,7 +28,7 @@ def final_metrics_path(spec: RunSpec) -> str:
     return os.path.join(spec.run_dir, "final_metrics.json")
 
 
-def _segments(spec: RunSpec) -> list[dict]:
+def segments(spec: RunSpec) -> list[dict]:
     """The training segments recorded in ``run_dir/ablation_log.json`` (``[]`` before the first)."""
     path = os.path.join(spec.run_dir, "ablation_log.json")
     if not os.path.isfile(path):
@@ -39,12 +39,7 @@ def _segments(spec: RunSpec) -> list[dict]:
 
 def _record(spec: RunSpec, entry: dict):
     """Append a training segment (wall time, steps, status) to ``run_dir/ablation_log.json``."""
-    path = os.path.join(spec.run_dir, "ablation_log.json")
-    segments = _segments(spec)
-    segments.append(entry)
-    os.makedirs(spec.run_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(segments, f, indent=1)
+    write_json(os.path.join(spec.run_dir, "ablation_log.json"), segments(spec) + [entry])
 
 
 def train_one(spec: RunSpec, progress: bool = False) -> str:
@@ -128,7 +123,7 @@ def train_all(ab: Ablation, progress: bool = True) -> dict:
             os.makedirs(spec.run_dir, exist_ok=True)
             logf = open(os.path.join(spec.run_dir, "train.log"), "a")
             proc = subprocess.Popen(launch_command(ab, spec), stdout=logf, stderr=subprocess.STDOUT, env=_env(ab))
-            running.append((spec, proc, logf, time.perf_counter(), len(_segments(spec))))
+            running.append((spec, proc, logf, time.perf_counter(), len(segments(spec))))
         time.sleep(0.2)
         for item in list(running):
             spec, proc, logf, t0, before = item
@@ -137,7 +132,7 @@ def train_all(ab: Ablation, progress: bool = True) -> dict:
             running.remove(item)
             logf.close()
             ok = proc.returncode == 0 and os.path.isfile(final_metrics_path(spec))
-            new = _segments(spec)[before:]
+            new = segments(spec)[before:]
             if ok:
                 status[spec.run_id] = "trained"
             elif new and new[-1]["status"] == "failed":     # train_one recorded a NonFiniteLoss: a result, not a crash

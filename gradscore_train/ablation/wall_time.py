@@ -13,7 +13,6 @@ ablation trains the same runs). The pilot runs with ``launcher.threads`` threads
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -21,7 +20,7 @@ import time
 
 import torch
 
-from .config import Ablation, RunSpec, is_reference
+from .config import Ablation, RunSpec, is_reference, write_json
 
 __all__ = ["measure_step_costs", "equal_time_steps"]
 
@@ -88,11 +87,7 @@ def measure_step_costs(ab: Ablation, progress: bool = True) -> dict:
     costs = {"reference": b.wall_time, "reference_steps": n_ref, "seconds_per_step": per_step, "steps": steps,
              "rounds": times, "pilot_steps": b.pilot_steps, "pilot_rounds": b.pilot_rounds,
              "threads": lc.threads or threads, "pilot_seconds": time.perf_counter() - t0}
-    os.makedirs(ab.output_dir, exist_ok=True)
-    tmp_path = ab.step_costs_path + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(costs, f, indent=1)
-    os.replace(tmp_path, ab.step_costs_path)
+    write_json(ab.step_costs_path, costs)
     if progress:
         print(f"[ablate] equal wall time ({b.wall_time}'s {n_ref} steps): "
               + ", ".join(f"{k} {steps[k]} steps" for k in labels), flush=True)
