@@ -182,7 +182,7 @@ def _critic_grads(critic, sde, x0, fused, dtype, l2_weight=0.0):
     from gradscore.critic import Critic
 
     torch.manual_seed(3)
-    model = gradscore.ScoreModel(TimeMLP(D, 24, 2), sde).to(dtype)
+    model = gradscore.ScoreModel(TimeMLP(x0[0].numel(), 24, 2), sde).to(dtype)
     objective = gradscore.DualSobolevLoss(sde, critic, l2_weight=l2_weight)
     saved = Critic._silu_mlp_layers
     try:
@@ -205,16 +205,16 @@ def test_fused_timemlp_critic_is_the_general_route():
     (``double_backward.silu_mlp_input_gradient``: the adjoints of the forward and gradient passes written
     out). Same function and gradients as ``input_gradient``: the critic output, the loss and every
     parameter gradient (score and critic, through a ``dual_sobolev`` step) agree to 1e-12 relative in
-    float64 and 2e-5 in float32 (reassociated sums); the head bias still gets an exact zero gradient
+    float64 (d = 3 and 64) and 2e-5 in float32 (reassociated sums); the head bias still gets an exact zero gradient
     (DDP sees every parameter), and the state dict is untouched."""
     from gradscore import Critic
 
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
-        torch.manual_seed(0)
+    for (dim, dtype, tol) in ((D, torch.float64, 1e-12), (D, torch.float32, 2e-5), (64, torch.float64, 1e-12)):
+        torch.manual_seed(0)                             # d = 3 and d = 64 (a flattened 8x8 image)
         sde = VPSDE()
-        critic = Critic(TimeMLP(D, 19, 3, out_dim=1), sde).to(dtype)
+        critic = Critic(TimeMLP(dim, 19, 3, out_dim=1), sde).to(dtype)
         keys = list(critic.state_dict())
-        x0 = torch.randn(B, D, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        x0 = torch.randn(B, dim, dtype=dtype, generator=torch.Generator().manual_seed(1))
         for l2_weight in (0.0, 1.0):
             loss_f, g_f, grads_f = _critic_grads(critic, sde, x0, True, dtype, l2_weight)
             loss_p, g_p, grads_p = _critic_grads(critic, sde, x0, False, dtype, l2_weight)
