@@ -274,3 +274,139 @@ def test_fused_silu_mlp_gradient_higher_derivatives_and_dispatch():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert critic._silu_mlp_layers(x) is None
     assert Critic(TimeMLP(D, 13, 2), VPSDE(), potential="auto")._silu_mlp_layers(x) is None      # vector output
+
+
+# --------------------------------------------------------------------------- CompactGroupNorm (kept: the default)
+def _group_norm_derivatives(norm, x, v):
+    """Output, first derivative (no graph), first derivative with a graph, and the gradients of a loss of the
+    latter with respect to the input and the affine parameters (zeros where there is none)."""
+    y = norm(x)
+    (g1,) = torch.autograd.grad((y * v).sum(), x, retain_graph=True)
+    (g,) = torch.autograd.grad((y * v).sum(), x, create_graph=True)
+    params = [p for p in (x, norm.weight, norm.bias) if p is not None]
+    second = torch.autograd.grad((g * g * v).sum() + g.sum(), params, allow_unused=True)
+    return y, g1, g, [torch.zeros_like(p) if h is None else h for h, p in zip(second, params)]
+
+
+def test_compact_group_norm_is_group_norm_with_its_derivatives():
+    """``CompactGroupNorm``'s forward and ordinary backward are PyTorch's own kernels (``native_group_norm`` and its
+    backward): bitwise ``nn.GroupNorm``. Its second derivative is written out (docs/theory.md, section 10.1);
+    gradcheck/gradgradcheck in float64 (finite differences at their default tolerances) check the formulas, the
+    first-derivative node's own gradgradcheck the third derivative (the recomputed plain graph), and float32 against
+    PyTorch's composite double backward from a 2-D batch [B, C] up to a 64-channel 32x32 image, affine or not, agrees
+    to 2e-6 of each tensor's largest entry (reassociated group sums)."""
+    from gradscore.double_backward import CompactGroupNorm, _GroupNorm, _GroupNormInputGrad
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    w, b = (torch.randn(8, dtype=torch.float64, generator=g).requires_grad_(True) for _ in range(2))
+    gy = torch.randn(3, 8, 5, 4, dtype=torch.float64, generator=g).requires_grad_(True)
+    norm = lambda x, w, b: _GroupNorm.apply(x, w, b, 4, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(norm, (x, w, b)) and torch.autograd.gradgradcheck(norm, (x, w, b))
+
+    def input_grad(gy, x, w):
+        _, mean, rstd = torch.ops.aten.native_group_norm(x.detach(), w.detach(), None, 3, 8, 20, 4, 1e-5)
+        return _GroupNormInputGrad.apply(gy, x, w, mean, rstd, 4, 1e-5)
+    assert torch.autograd.gradcheck(input_grad, (gy, x, w)) and torch.autograd.gradgradcheck(input_grad, (gy, x, w))
+
+    for shape, groups, affine in (((64, 24), 4, True), ((16, 32, 8, 8), 8, True), ((4, 32, 8, 8), 4, False),
+                                  ((4, 64, 32, 32), 32, True), ((2, 16, 4, 4, 4), 4, True)):
+        plain = torch.nn.GroupNorm(groups, shape[1], affine=affine)
+        if affine:
+            torch.nn.init.normal_(plain.weight, generator=g)
+            torch.nn.init.normal_(plain.bias, generator=g)
+        compact = torch.nn.GroupNorm(groups, shape[1], affine=affine)
+        compact.load_state_dict(plain.state_dict())
+        compact.__class__ = CompactGroupNorm
+        x = (torch.randn(shape, generator=g) * 3 + 1).requires_grad_(True)
+        v = torch.randn(shape, generator=g)
+        (y_p, g1_p, g_p, h_p), (y_c, g1_c, g_c, h_c) = (_group_norm_derivatives(m, x, v) for m in (plain, compact))
+        assert torch.equal(y_p, y_c) and torch.equal(g1_p, g1_c), shape
+        for a, b in ((g_c, g_p), *zip(h_c, h_p)):
+            assert torch.allclose(a, b, rtol=0, atol=2e-6 * b.abs().max().item() + 1e-30), shape
+
+
+def test_compact_group_norm_asks_only_for_what_the_backward_uses():
+    """Under ``create_graph`` the affine parameters' first derivatives are built only when the backward in progress
+    uses them: ``autograd.grad(y, x)`` (``EnergyScore``'s inner gradient) builds none, ``autograd.grad(y, [x, w, b])``
+    gets PyTorch's values (1e-6 relative, float32). Autocast, a non-contiguous input and no grad mode take
+    ``nn.GroupNorm``'s route (bitwise the plain module)."""
+    from gradscore.double_backward import CompactGroupNorm
+
+    torch.manual_seed(0)
+    plain = torch.nn.GroupNorm(4, 16)
+    torch.nn.init.normal_(plain.weight)
+    compact = torch.nn.GroupNorm(4, 16)
+    compact.load_state_dict(plain.state_dict())
+    compact.__class__ = CompactGroupNorm
+    x = torch.randn(8, 16, 6, 6).requires_grad_(True)
+    v = torch.randn(8, 16, 6, 6)
+    grads = {}
+    for name, m in (("plain", plain), ("compact", compact)):
+        grads[name] = torch.autograd.grad((m(x) * v).sum(), [x, m.weight, m.bias], create_graph=True)
+    for a, b in zip(grads["compact"], grads["plain"]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6 * b.abs().max().item())
+    (gx,) = torch.autograd.grad((compact(x) * v).sum(), x, create_graph=True)
+    seen = set()
+
+    def walk(fn):
+        if fn is None or fn in seen:
+            return
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            walk(nxt)
+    walk(gx.grad_fn)
+    names = {type(fn).__name__ for fn in seen}
+    assert "_GroupNormInputGradBackward" in names and "NativeGroupNormBackward0" not in names, names
+
+    xt = torch.randn(8, 6, 6, 16).permute(0, 3, 1, 2)                     # non-contiguous
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(compact(x), plain(x))
+    assert torch.equal(compact(xt), plain(xt))
+    assert compact(xt).grad_fn.name() == plain(xt).grad_fn.name()
+    with torch.no_grad():
+        assert torch.equal(compact(x), plain(x))
+
+
+def test_compact_group_norm_energy_on_a_unet(attention_unet):
+    """EnergyScore and Critic convert their backbone's ``nn.GroupNorm`` (``compact_group_norm=True``, the default;
+    ``False`` leaves it). On a diffusers UNet with attention the DSM loss is bitwise the plain route's (same forward
+    kernels) and every parameter gradient agrees with PyTorch's composite double backward to 1e-10 in float64 (only
+    the order of the group sums differs). Structural oracle at image size: the score ``-grad_x E`` of the compact
+    model, differentiated through the written-out second derivative, has a symmetric Jacobian
+    (``<u, J v> = <v, J u>`` to 1e-10 relative, float64, 12 x 16 x 16 = 3072 dimensions)."""
+    import copy
+
+    from gradscore import Critic
+    from gradscore.double_backward import CompactGroupNorm
+
+    sde = VPSDE()
+    compact = EnergyScore(attention_unet(), sde).double()
+    norms = [m for m in compact.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) > 5 and all(type(m) is CompactGroupNorm for m in norms)
+    plain = copy.deepcopy(compact)
+    for m in plain.modules():
+        if type(m) is CompactGroupNorm:
+            m.__class__ = torch.nn.GroupNorm
+    untouched = EnergyScore(attention_unet(), sde, compact_group_norm=False)
+    assert not any(type(m) is CompactGroupNorm for m in untouched.modules())
+    critic = Critic(attention_unet(), sde, potential="inner")
+    assert any(type(m) is CompactGroupNorm for m in critic.modules())
+
+    x0 = torch.randn(8, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss_c, grads_c = _plain(compact, sde, x0)
+    loss_p, grads_p = _plain(plain, sde, x0)
+    assert torch.equal(loss_c, loss_p)
+    num = sum(float((a - b).pow(2).sum()) for a, b in zip(grads_c, grads_p))
+    den = sum(float(b.pow(2).sum()) for b in grads_p)
+    assert (num / den) ** 0.5 < 1e-10
+
+    big = EnergyScore(attention_unet(16, 12), sde).double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 12, 16, 16, dtype=torch.float64, generator=g).requires_grad_(True)
+    u, v = (torch.randn(2, 12, 16, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    score = big(x, torch.tensor([0.3, 0.7], dtype=torch.float64))
+    (ju,) = torch.autograd.grad(score, x, u, retain_graph=True)
+    (jv,) = torch.autograd.grad(score, x, v)
+    uJv, vJu = (v * ju).sum(), (u * jv).sum()
+    assert abs(uJv - vJu) < 1e-10 * abs(uJv), (uJv, vJu)
