@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .double_backward import CompactSiLU, attention_chunk_bytes, input_gradient, math_attention, silu_mlp_input_gradient
-from .double_backward import compact_group_norm as _convert_group_norm
 from .double_backward import compact_silu as _convert_silu
 from .nets import TimeMLP
 from .parametrisation import call_backbone, resolve_time_input, scalar_per_sample
@@ -64,15 +63,13 @@ class Critic(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, sde: SDE, time_input: str = "auto", *, potential: str = "scalar",
-                 compact_silu: bool = True, compact_group_norm: bool = True):
+                 compact_silu: bool = True):
         super().__init__()
         if potential not in POTENTIALS:
             raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
         time_input = resolve_time_input(backbone, time_input)
         if compact_silu:
             _convert_silu(backbone)
-        if compact_group_norm:
-            _convert_group_norm(backbone)
         self.backbone, self.sde, self.time_input, self.potential_kind = backbone, sde, time_input, potential
         self.attention_chunk_bytes = attention_chunk_bytes(backbone)      # as for EnergyScore
 

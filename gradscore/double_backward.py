@@ -21,7 +21,6 @@ double backward). The pitfalls handled here (docs/engineering.md, "Double backwa
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["input_gradient", "math_attention", "attention_chunk_bytes", "ATTENTION_CHUNK_BYTES", "CompactSiLU",
-           "compact_silu", "CompactGroupNorm", "compact_group_norm"]
+           "compact_silu"]
 
 
 class _SiLUDerivative(torch.autograd.Function):
@@ -91,160 +90,6 @@ def compact_silu(module: nn.Module) -> int:
     for m in module.modules():
         if type(m) is nn.SiLU and not m.inplace:
             m.__class__ = CompactSiLU
-            n += 1
-    return n
-
-
-# ------------------------------------------------------------------------------------------------------
-# GroupNorm whose first derivative is one node (docs/theory.md, section 10.1 "The second derivative of
-# group normalisation"). Per group of K entries: xh = (x - mu) r, r = (var + eps)^-1/2, and with gh = w gy
-# the input gradient is gx = r (gh - mean(gh) - xh mean(gh xh)) = r P(gh), P(a) = a - mean(a) - xh mean(a xh)
-# self-adjoint. For a cotangent v of gx: d/dgy = w r P(v); d/dw = sum over batch and pixels of gy r P(v);
-# d/dx = -r xh mean(v gx) - r^2 mean(gh xh) P(v) - r mean(v xh) gx.
-def _gn_shape(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.shape[0], x.shape[1], math.prod(x.shape[2:])
-
-
-def _group_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``mean(a * b)`` over each group of ``[N, G, Cg, HW]`` views, ``[N, G, 1, 1]``, without the product's tensor."""
-    n, g = a.shape[:2]
-    k = a[0, 0].numel()
-    return torch.matmul(a.reshape(n * g, 1, k), b.reshape(n * g, k, 1)).view(n, g, 1, 1).div_(k)
-
-
-def _group_norm_input_grad_vjp(v, gy, x, weight, mean, rstd, groups, need_gy, need_w):
-    """``(d/dgy, d/dx, d/dw)`` of ``<v, gx(gy, x, w)>``, the formulas above, in place where they can be."""
-    n, c, _ = _gn_shape(x)
-    view = (n, groups, c // groups, -1)
-    xs, gs, vs = x.reshape(view), gy.reshape(view), v.reshape(view)
-    r, mu = rstd.reshape(n, groups, 1, 1), mean.reshape(n, groups, 1, 1)
-    w = None if weight is None else weight.reshape(1, groups, c // groups, 1)
-    xh = (xs - mu).mul_(r)
-    gh = gs if w is None else gs * w
-    m1 = gh.mean((2, 3), keepdim=True)
-    m2 = _group_dot(gh, xh)
-    a, mv = _group_dot(vs, xh), vs.mean((2, 3), keepdim=True)
-    gx = (xh * -m2).add_(gh).sub_(m1).mul_(r)                          # the input gradient itself
-    b = _group_dot(vs, gx)
-    pv = (xh * -a).add_(vs).sub_(mv)                                    # P(v)
-    grad_x = xh.mul_(-r * b).addcmul_(pv, -r * r * m2).addcmul_(gx, -r * a)
-    grad_w = None
-    if need_w and w is not None:
-        grad_w = torch.mul(gs, pv, out=gh if gh is not gs else None).mul_(r).sum((0, 3)).reshape(c)
-    grad_gy = pv.mul_(r if w is None else r * w) if need_gy else None
-    return (None if grad_gy is None else grad_gy.reshape(x.shape)), grad_x.reshape(x.shape), grad_w
-
-
-def _group_norm_input_grad_plain(gy, x, weight, groups, eps):
-    """The input gradient of group norm with differentiable operators (mean and variance recomputed from ``x``)."""
-    n, c, _ = _gn_shape(x)
-    view = (n, groups, c // groups, -1)
-    xs, gs = x.reshape(view), gy.reshape(view)
-    mu, var = xs.mean((2, 3), keepdim=True), xs.var((2, 3), unbiased=False, keepdim=True)
-    r = (var + eps).rsqrt()
-    xh = (xs - mu) * r
-    gh = gs if weight is None else gs * weight.reshape(1, groups, c // groups, 1)
-    return (r * (gh - gh.mean((2, 3), keepdim=True) - xh * (gh * xh).mean((2, 3), keepdim=True))).reshape(x.shape)
-
-
-class _GroupNormInputGrad(torch.autograd.Function):
-    """``gx`` of group norm from ``(gy, x, w)`` (PyTorch's ``native_group_norm_backward`` kernel) as one node that
-    saves its inputs, its derivative written out; under ``create_graph`` (a third derivative) it differentiates
-    ``_group_norm_input_grad_plain`` instead."""
-
-    @staticmethod
-    def forward(ctx, gy, x, weight, mean, rstd, groups, eps):
-        n, c, hw = _gn_shape(x)
-        ctx.groups, ctx.eps = groups, eps
-        ctx.save_for_backward(gy, x, weight, mean, rstd)
-        return torch.ops.aten.native_group_norm_backward(gy, x, mean, rstd, weight, n, c, hw, groups,
-                                                         [True, False, False])[0]
-
-    @staticmethod
-    def backward(ctx, v):
-        gy, x, weight, mean, rstd = ctx.saved_tensors
-        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            inputs = (gy, x, weight)
-            wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
-            found = torch.autograd.grad(_group_norm_input_grad_plain(gy, x, weight, ctx.groups, ctx.eps),
-                                        [inputs[i] for i in wanted], v, create_graph=True, allow_unused=True)
-            grads = [None, None, None]
-            for i, g in zip(wanted, found):
-                grads[i] = torch.zeros_like(inputs[i]) if g is None else g
-            return (*grads, None, None, None, None)
-        grad_gy, grad_x, grad_w = _group_norm_input_grad_vjp(v.contiguous(), gy, x, weight, mean, rstd, ctx.groups,
-                                                             need_gy, need_w)
-        return grad_gy, (grad_x if need_x else None), grad_w, None, None, None, None
-
-
-def _engine_runs(ctx, i: int) -> bool:
-    """Whether the backward pass in progress uses the gradient of input ``i`` (``autograd.grad(E, x)`` inside
-    ``EnergyScore`` does not ask for the parameters')."""
-    node = ctx.next_functions[i][0]
-    if node is None:
-        return False
-    try:
-        return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError):      # private API: when in doubt, compute it
-        return True
-
-
-class _GroupNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
-        n, c, hw = _gn_shape(x)
-        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
-        ctx.groups, ctx.eps = groups, eps
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gy = gy.contiguous()
-        if not torch.is_grad_enabled():         # an ordinary backward: PyTorch's own kernel, as nn.GroupNorm
-            n, c, hw = _gn_shape(x)
-            gx, gw, gb = torch.ops.aten.native_group_norm_backward(gy, x, mean, rstd, weight, n, c, hw, ctx.groups,
-                                                                   [need_x, need_w, need_b])
-            return gx, gw, gb, None, None
-        # create_graph: the input gradient as one node; the parameters' (rarely asked for there) with autograd
-        gx = _GroupNormInputGrad.apply(gy, x, weight, mean, rstd, ctx.groups, ctx.eps) if need_x else None
-        dims = (0, *range(2, x.dim()))
-        gw = gb = None
-        if need_w and _engine_runs(ctx, 1):
-            gw = (gy * F.group_norm(x, ctx.groups, None, None, ctx.eps)).sum(dims)
-        if need_b and _engine_runs(ctx, 2):
-            gb = gy.sum(dims)
-        return gx, gw, gb, None, None
-
-
-class CompactGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` whose derivative, when differentiated again, is one autograd node saving its inputs
-    (``gy``, and ``x``, which the forward saves anyway), with group norm's second derivative written out, instead of
-    PyTorch's composite expression (a few dozen elementwise operators and their saved intermediates). Forward and
-    ordinary backward are PyTorch's own kernels (``native_group_norm`` and its backward: bitwise ``nn.GroupNorm``);
-    under ``create_graph`` and for the second derivative it agrees with PyTorch to rounding. Inputs it does not
-    cover (autocast, a dtype other than float32/64, a non-contiguous input, no grad mode) take ``nn.GroupNorm``'s
-    route unchanged."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (torch.is_grad_enabled() and x.dim() >= 2 and x.dtype in (torch.float32, torch.float64)
-                and x.is_contiguous() and all(p is None or p.dtype == x.dtype for p in (w, self.bias))
-                and not torch.is_autocast_enabled(x.device.type)):
-            return _GroupNorm.apply(x, w, self.bias, self.num_groups, self.eps)
-        return super().forward(x)
-
-
-def compact_group_norm(module: nn.Module) -> int:
-    """Turn every plain ``nn.GroupNorm`` inside ``module`` into a ``CompactGroupNorm`` in place (same parameters and
-    state dict; ``F.group_norm`` called directly in a ``forward`` is left as it is). Returns how many were converted."""
-    n = 0
-    for m in module.modules():
-        if type(m) is nn.GroupNorm:
-            m.__class__ = CompactGroupNorm
             n += 1
     return n
 

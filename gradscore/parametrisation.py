@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from .double_backward import attention_chunk_bytes, input_gradient, math_attention
-from .double_backward import compact_group_norm as _convert_group_norm
 from .double_backward import compact_silu as _convert_silu
 from .sde import SDE, broadcast_to, time_tensor
 
@@ -267,7 +266,7 @@ class EnergyScore(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, sde: SDE, energy: str | Callable = "auto", time_input: str = "auto", *,
-                 compact_silu: bool = True, compact_group_norm: bool = True):
+                 compact_silu: bool = True):
         super().__init__()
         if isinstance(energy, str):
             if energy not in ENERGIES:
@@ -279,8 +278,6 @@ class EnergyScore(nn.Module):
             raise TypeError(f"energy must be a name or a callable, got {type(energy).__name__}")
         if compact_silu:
             _convert_silu(backbone)
-        if compact_group_norm:
-            _convert_group_norm(backbone)
         self.backbone, self.sde, self.time_input = backbone, sde, resolve_time_input(backbone, time_input)
         self.attention_chunk_bytes = attention_chunk_bytes(backbone)
 
