@@ -35,7 +35,7 @@ CASES = {
     "unet32": dict(build=lambda names=None: unet_case(32, 32, names=names), rounds=(0, 5)),
 }
 
-EXTRA_ROWS = {"unet16": ("energy_forms", "whole_attention", "wide_critic"), "unet32": ("whole_attention",)}
+EXTRA_ROWS = {"unet16": ("energy_forms", "math_attention", "wide_critic"), "unet32": ("math_attention",)}
 
 
 def energy_form_steps(case_steps, energies=("norm", "residual")):
@@ -52,25 +52,26 @@ def energy_form_steps(case_steps, energies=("norm", "residual")):
     return out
 
 
-def whole_attention_step(case_steps):
-    """Extra row: the ``energy`` objective with its attention on the whole batch (``attention_chunk_bytes = None``;
-    the default slices the batch, ``gradscore.double_backward.math_attention``)."""
+def math_attention_step(case_steps):
+    """Extra row: the ``energy`` objective with the math kernel's attention derivatives (``attention_written_derivative
+    = False``: the default until 2026-12-06, slicing the batch where the scores exceed 4 MiB) instead of
+    ``gradscore.double_backward.twice_differentiable_attention``."""
     import copy
 
     base = case_steps["energy"]
     model = copy.deepcopy(base.model)
-    model.attention_chunk_bytes = None
-    return {"energy[whole attention]": Step("energy[whole attention]", model, base.objective, base.x0)}
+    model.attention_written_derivative = False
+    return {"energy[math attention]": Step("energy[math attention]", model, base.objective, base.x0)}
 
 
 def build_case(name, forms=(), bf16=False):
-    """``(steps, info)`` of a case; ``forms``: extra rows, any of ``"energy_forms"``, ``"whole_attention"``,
+    """``(steps, info)`` of a case; ``forms``: extra rows, any of ``"energy_forms"``, ``"math_attention"``,
     ``"wide_critic"``."""
     steps, info = CASES[name]["build"]()
     if "energy_forms" in forms:
         steps.update(energy_form_steps(steps))
-    if "whole_attention" in forms and "energy" in steps:
-        steps.update(whole_attention_step(steps))
+    if "math_attention" in forms and "energy" in steps:
+        steps.update(math_attention_step(steps))
     if "wide_critic" in forms and "dual_sobolev" in steps:
         steps["dual_sobolev[critic 48-96-160]"] = wide_critic_step(steps["l2"].x0.shape[-1], info["batch"])
     for s in steps.values():

@@ -72,11 +72,12 @@ class Critic(nn.Module):
             _convert_silu(backbone)
         self.backbone, self.sde, self.time_input, self.potential_kind = backbone, sde, time_input, potential
         self.attention_chunk_bytes = attention_chunk_bytes(backbone)      # as for EnergyScore
+        self.attention_written_derivative = True
 
     def potential(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """``psi(x, t) = psi~(x, t) / sigma_t``, shape ``[B]``."""
         t = time_tensor(t, x, batch=x.shape[0])
-        with math_attention(self.attention_chunk_bytes):
+        with math_attention(self.attention_chunk_bytes, self.attention_written_derivative):
             out = call_backbone(self.backbone, x, t, self.sde, self.time_input, **cond)
         kind = self.potential_kind
         if kind == "auto":

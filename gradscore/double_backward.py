@@ -9,8 +9,10 @@ double backward). The pitfalls handled here (docs/engineering.md, "Double backwa
   tensor already requires grad, in which case it is used as is so higher derivatives flow).
 * PyTorch's fused SDPA kernels have no double backward; ``math_attention()`` selects the plain
   math kernel, which does. Its second-order backward holds several tensors the size of the attention
-  scores at once; ``math_attention(chunk_bytes)`` runs the attention on slices of the batch so those are
-  chunk-sized (``EnergyScore`` and ``Critic`` do so for a backbone with attention, ``attention_chunk_bytes``).
+  scores at once. Under ``math_attention(chunk_bytes)`` (``EnergyScore`` and ``Critic`` enter it for a backbone
+  with attention, ``attention_chunk_bytes``) a plain call goes to ``twice_differentiable_attention`` instead (fused
+  forward, attention's second derivative written out, docs/theory.md section 10.1, probabilities recomputed on
+  chunk-sized slices) and a masked one runs on slices of the batch.
 * Memory of the second-order graph: under ``create_graph`` PyTorch records SiLU's derivative as a
   chain of elementwise operations (sigmoid, products, sums), each saving an activation-sized
   intermediate. ``compact_silu(module)`` swaps a module's ``nn.SiLU`` for ``CompactSiLU``: the same
@@ -30,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["input_gradient", "math_attention", "attention_chunk_bytes", "ATTENTION_CHUNK_BYTES", "CompactSiLU",
-           "compact_silu"]
+           "compact_silu", "twice_differentiable_attention"]
 
 
 class _SiLUDerivative(torch.autograd.Function):
@@ -94,9 +96,130 @@ def compact_silu(module: nn.Module) -> int:
     return n
 
 
+# ------------------------------------------------------------------------------------------------------
+# Attention softmax(s q k^T) v with its first derivative as one node and its second derivative written out
+# (docs/theory.md, section 10.1), instead of the math kernel's composite graph (which saves the probabilities and
+# holds several score-sized tensors in its second-order backward). Per head, with P the probabilities, dO the
+# output's cotangent, D = rowsum(dO * O), A = P * (dO v^T - D): dq = s A k, dk = s A^T q, dv = P^T dO. For
+# cotangents (Gq, Gk, Gv) of (dq, dk, dv): Abar = s (Gq k^T + q Gk^T), R = Abar - rowsum(Abar * P),
+# dPbar = P * R, Pbar = R * (dO v^T - D) + dO Gv^T, Sbar = P * (Pbar - rowsum(Pbar * P)), and
+# d/ddO = dPbar v + P Gv, d/dv = dPbar^T dO, d/dq = s (Sbar k + A Gk), d/dk = s (Sbar^T q + A^T Gq).
+# Score-sized tensors exist only inside a chunk of batch x heads of at most chunk_bytes.
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``rowsum(a * b)`` of ``[n, L, M]`` tensors, ``[n, L, 1]``, without the product's tensor."""
+    n, rows, m = a.shape
+    return torch.bmm(a.reshape(n * rows, 1, m), b.reshape(n * rows, m, 1)).view(n, rows, 1)
+
+
+def _chunks(n: int, per_item: int, chunk_bytes: int | None) -> Iterator[slice]:
+    step = n if not chunk_bytes else max(1, min(n, chunk_bytes // max(per_item, 1)))
+    return (slice(i, min(i + step, n)) for i in range(0, n, step))
+
+
+def _attention_plain(q, k, v, scale):
+    return torch.softmax(q @ k.transpose(-2, -1) * scale, -1) @ v
+
+
+def _attention_input_grads(do, q, k, v, out, scale, chunk_bytes):
+    """``(dq, dk, dv)`` of ``softmax(s q k^T) v`` for the cotangent ``do`` (``[n, L, d]`` each), in chunks."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dd = _row_dot(do, out)
+    for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * 4, chunk_bytes):
+        p = torch.softmax(torch.bmm(q[c], k[c].transpose(1, 2)).mul_(scale), -1)
+        torch.bmm(p.transpose(1, 2), do[c], out=dv[c])
+        a = torch.bmm(do[c], v[c].transpose(1, 2)).sub_(dd[c]).mul_(p)          # A = P * (dO v^T - D)
+        torch.bmm(a, k[c], out=dq[c]).mul_(scale)
+        torch.bmm(a.transpose(1, 2), q[c], out=dk[c]).mul_(scale)
+    return dq, dk, dv
+
+
+class _AttentionInputGrads(torch.autograd.Function):
+    """``(do, q, k, v, out) -> (dq, dk, dv)`` as one node saving its inputs; its derivative written out (above);
+    under ``create_graph`` (a third derivative) it differentiates the plain composite graph instead."""
+
+    @staticmethod
+    def forward(ctx, do, q, k, v, out, scale, chunk_bytes):
+        ctx.scale, ctx.chunk_bytes = scale, chunk_bytes
+        ctx.save_for_backward(do, q, k, v, out)
+        return _attention_input_grads(do, q, k, v, out, scale, chunk_bytes)
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        do, q, k, v, out = ctx.saved_tensors
+        s = ctx.scale
+        if torch.is_grad_enabled():
+            inputs = (do, q, k, v)
+            wanted = [i for i in range(4) if ctx.needs_input_grad[i]]
+            with torch.enable_grad():
+                qq, kk, vv = (a if a.requires_grad else a.detach().requires_grad_(True) for a in (q, k, v))
+                firsts = torch.autograd.grad(_attention_plain(qq, kk, vv, s), (qq, kk, vv), do, create_graph=True)
+            found = torch.autograd.grad(firsts, [inputs[i] for i in wanted], (gq, gk, gv), create_graph=True,
+                                        allow_unused=True)
+            grads = [None] * 4
+            for i, g in zip(wanted, found):
+                grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+            return (*grads, None, None, None)
+        gdo, gqq, gkk, gvv = (torch.empty_like(a) for a in (do, q, k, v))
+        dd = _row_dot(do, out)
+        for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * 4, ctx.chunk_bytes):
+            qc, kc, vc, doc = q[c], k[c], v[c], do[c]
+            p = torch.softmax(torch.bmm(qc, kc.transpose(1, 2)).mul_(s), -1)
+            dpd = torch.bmm(doc, vc.transpose(1, 2)).sub_(dd[c])                 # dO v^T - D
+            r = torch.baddbmm(torch.bmm(gq[c], kc.transpose(1, 2)), qc, gk[c].transpose(1, 2), beta=s, alpha=s)
+            r.sub_(_row_dot(r, p))                                               # R
+            dpbar = r * p
+            pbar = r.mul_(dpd).baddbmm_(doc, gv[c].transpose(1, 2))              # Pbar (a row constant dropped)
+            sbar = pbar.sub_(_row_dot(pbar, p)).mul_(p)
+            a = dpd.mul_(p)                                                      # A
+            torch.baddbmm(torch.bmm(p, gv[c]), dpbar, vc, out=gdo[c])
+            torch.bmm(dpbar.transpose(1, 2), doc, out=gvv[c])
+            torch.baddbmm(torch.bmm(sbar, kc), a, gk[c], out=gqq[c]).mul_(s)
+            torch.baddbmm(torch.bmm(sbar.transpose(1, 2), qc), a.transpose(1, 2), gq[c], out=gkk[c]).mul_(s)
+        return gdo, gqq, gkk, gvv, None, None, None
+
+
+class _Attention(torch.autograd.Function):
+    """``softmax(s q k^T) v`` on ``[n, L, d]`` tensors: the fused kernel forward, the derivative as one node."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, chunk_bytes):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH]
+        with sdpa_kernel(backends):             # a fused kernel (the caller's context may have picked the math one)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        ctx.scale, ctx.chunk_bytes = scale, chunk_bytes
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out = ctx.saved_tensors
+        do = do.contiguous()
+        if torch.is_grad_enabled():
+            return (*_AttentionInputGrads.apply(do, q, k, v, out, ctx.scale, ctx.chunk_bytes), None, None)
+        return (*_attention_input_grads(do, q, k, v, out.detach(), ctx.scale, ctx.chunk_bytes), None, None)
+
+
+def twice_differentiable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                                   chunk_bytes: int | None = None) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, scale=scale)`` (no mask, no dropout, not causal; ``[..., L, d]``, the
+    same leading shape for all three) whose first derivative is one autograd node with attention's second derivative
+    written out: no score-sized tensor is saved, and the backward's score-sized temporaries hold at most
+    ``chunk_bytes`` (batch x heads slices). Forward: the fused kernel; derivatives: to rounding the math kernel's."""
+    lead = q.shape[:-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    flat = [a.reshape(-1, *a.shape[-2:]).contiguous() for a in (q, k, v)]
+    return _Attention.apply(*flat, scale, chunk_bytes).reshape(*lead, *q.shape[-2:-1], v.shape[-1])
+
+
 ATTENTION_CHUNK_BYTES = 4 * 2**20
 """Default size of one chunk's attention scores under ``math_attention(chunk_bytes=...)`` (what it saves: BENCHMARKS.md,
 "What limits the energy route")."""
+
+
+_PLAIN_SDPA_KEYWORDS = {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}
 
 
 class _ChunkedAttention(TorchFunctionMode):
@@ -105,15 +228,21 @@ class _ChunkedAttention(TorchFunctionMode):
     math kernel's second-order backward (softmax's and the two products', several score-sized tensors) then runs on
     chunk-sized tensors instead of the whole batch's."""
 
-    def __init__(self, chunk_bytes: int):
+    def __init__(self, chunk_bytes: int, written_derivative: bool = True):
         super().__init__()
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes, self.written_derivative = chunk_bytes, written_derivative
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention or len(args) != 3:
             return func(*args, **kwargs)
         q, k, v = args
+        if (self.written_derivative and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p")
+                and not kwargs.get("is_causal") and not kwargs.get("enable_gqa") and set(kwargs) <= _PLAIN_SDPA_KEYWORDS
+                and q.dim() >= 3 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and torch.is_grad_enabled()
+                and q.dtype in (torch.float32, torch.float64) and q.dtype == k.dtype == v.dtype
+                and not torch.is_autocast_enabled(q.device.type)):
+            return twice_differentiable_attention(q, k, v, kwargs.get("scale"), self.chunk_bytes)
         batch = q.shape[0]
         per_sample = (q[0].numel() // q.shape[-1]) * k.shape[-2] * max(q.element_size(), 4)
         n = max(1, self.chunk_bytes // max(per_sample, 1))
@@ -130,14 +259,18 @@ class _ChunkedAttention(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def math_attention(chunk_bytes: int | None = None) -> Iterator[None]:
-    """Route ``scaled_dot_product_attention`` to the math kernel (double-backward safe). With ``chunk_bytes``, also
-    call it on slices of the batch whose attention scores hold at most that many bytes each (``_ChunkedAttention``:
-    the same values, less memory in a double backward); ``None`` leaves the calls whole (and costs nothing per
-    operator: the chunking intercepts every torch function call in the context)."""
+def math_attention(chunk_bytes: int | None = None, written_derivative: bool = True) -> Iterator[None]:
+    """Route ``scaled_dot_product_attention`` to the math kernel (double-backward safe). With ``chunk_bytes``, a call
+    without mask, dropout or causality that is differentiated (grad mode, float32/64, no autocast) goes to
+    ``twice_differentiable_attention`` instead (fused forward, derivatives written out, score-sized temporaries of at
+    most ``chunk_bytes``; ``written_derivative=False`` keeps the math kernel for those too), and any other call runs
+    on slices of the batch whose attention scores hold at most ``chunk_bytes`` each (``_ChunkedAttention``: the same
+    values, less memory in a double backward). ``None`` leaves every call to the math kernel, whole (and costs
+    nothing per operator: the mode intercepts every torch function call in the context)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH), (_ChunkedAttention(chunk_bytes) if chunk_bytes else contextlib.nullcontext()):
+    mode = _ChunkedAttention(chunk_bytes, written_derivative) if chunk_bytes else contextlib.nullcontext()
+    with sdpa_kernel(SDPBackend.MATH), mode:
         yield
 
 

@@ -280,11 +280,12 @@ class EnergyScore(nn.Module):
             _convert_silu(backbone)
         self.backbone, self.sde, self.time_input = backbone, sde, resolve_time_input(backbone, time_input)
         self.attention_chunk_bytes = attention_chunk_bytes(backbone)
+        self.attention_written_derivative = True     # twice_differentiable_attention (False: the math kernel's)
 
     def energy(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """``E_theta(x, t | cond)``, shape ``[B]``."""
         t = time_tensor(t, x, batch=x.shape[0])
-        with math_attention(self.attention_chunk_bytes):
+        with math_attention(self.attention_chunk_bytes, self.attention_written_derivative):
             f = call_backbone(self.backbone, x, t, self.sde, self.time_input, **cond).to(x.dtype)
         sigma = self.sde.sigma(t).to(x.dtype)
         return self._energy_fn(f, x, sigma) / sigma

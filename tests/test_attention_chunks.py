@@ -1,4 +1,5 @@
-"""Attention on slices of the batch under a double backward (gradscore.double_backward.math_attention(chunk_bytes)).
+"""Attention under a double backward (gradscore.double_backward.math_attention(chunk_bytes)): on slices of the batch,
+and through twice_differentiable_attention (its second derivative written out, docs/theory.md section 10.1).
 
 Oracle: slicing the batch does not change any sample's computation, so values, first and second derivatives equal
 the whole-batch math kernel's to float32 rounding (1e-6 relative: the same kernels on smaller batches; measured
@@ -27,9 +28,9 @@ class _BatchSizes(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _attention_and_derivatives(q, k, v, mask, chunk_bytes):
+def _attention_and_derivatives(q, k, v, mask, chunk_bytes, written_derivative=False):
     q, k, v = (a.detach().requires_grad_(True) for a in (q, k, v))
-    with math_attention(chunk_bytes):
+    with math_attention(chunk_bytes, written_derivative):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     (gq,) = torch.autograd.grad((out * torch.cos(out)).sum(), q, create_graph=True)
     second = torch.autograd.grad(gq.pow(2).sum(), (q, k, v))
@@ -50,8 +51,9 @@ def test_chunked_attention_equals_the_whole_batch_to_second_order():
 
 
 def test_energy_and_critic_on_a_unet_chunk_their_attention_exactly(attention_unet):
-    """EnergyScore and Critic around a diffusers UNet with attention chunk by default (attention_chunk_bytes); a
-    chunk of 2 samples gives the DSM loss and every parameter gradient of the whole-batch route (1e-6)."""
+    """EnergyScore and Critic around a diffusers UNet with attention chunk by default (attention_chunk_bytes); with the
+    math kernel's derivative (``attention_written_derivative = False``) a chunk of 2 samples gives the DSM loss and
+    every parameter gradient of the whole-batch route (1e-6)."""
     sde = VPSDE()
     energy = EnergyScore(attention_unet(), sde)
     assert energy.attention_chunk_bytes == ATTENTION_CHUNK_BYTES
@@ -67,6 +69,7 @@ def test_energy_and_critic_on_a_unet_chunk_their_attention_exactly(attention_une
             loss.backward()
         return loss.detach(), [p.grad.clone() for p in energy.parameters()], seen
 
+    energy.attention_written_derivative = False          # slices of the math kernel (test_written_derivative_*)
     loss_w, grads_w, seen = loss_and_grads(None)
     sizes_w = seen.sizes
     (q, k), = set(seen.shapes)
@@ -78,3 +81,87 @@ def test_energy_and_critic_on_a_unet_chunk_their_attention_exactly(attention_une
     num = sum(float((a - b).pow(2).sum()) for a, b in zip(grads_c, grads_w))
     den = sum(float(b.pow(2).sum()) for b in grads_w)
     assert (num / den) ** 0.5 < 1e-6
+
+
+def test_written_attention_derivative_is_the_math_kernels():
+    """``twice_differentiable_attention`` (the default under ``math_attention(chunk_bytes)`` for calls without a mask):
+    gradcheck and gradgradcheck in float64 (finite differences, default tolerances) check the written-out second
+    derivative and, through the first-derivative node's own gradgradcheck, the third (the recomputed plain graph).
+    Against the whole-batch math kernel its value, first and second derivatives agree to 1e-12 in float64 and 2e-6
+    in float32 (rounding of the fused forward and of reassociated sums), whether the backward runs in one chunk or
+    in slices of 3 samples, from 2 tokens to 256 (a 16x16 feature map), with a mask going to the sliced math kernel.
+    """
+    from gradscore.double_backward import _Attention, _attention_plain, _AttentionInputGrads
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(3, 5, 4, dtype=torch.float64, generator=g).requires_grad_(True) for _ in range(4))
+    attention = lambda q, k, v: _Attention.apply(q, k, v, 0.7, 2 * 5 * 5 * 8)  # noqa: E731  (chunks of 2)
+    assert torch.autograd.gradcheck(attention, (q, k, v)) and torch.autograd.gradgradcheck(attention, (q, k, v))
+
+    def input_grads(do, q, k, v):
+        return _AttentionInputGrads.apply(do, q, k, v, _attention_plain(q, k, v, 0.7).detach(), 0.7, None)
+    assert torch.autograd.gradcheck(input_grads, (do, q, k, v))
+    assert torch.autograd.gradgradcheck(input_grads, (do, q, k, v))
+
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        for shape in ((7, 2, 2, 4), (7, 2, 5, 4), (5, 4, 256, 8)):
+            q, k, v = (torch.randn(*shape, dtype=dtype, generator=g) for _ in range(3))
+            per_sample = shape[1] * shape[2] * shape[2] * 4
+            whole = _attention_and_derivatives(q, k, v, None, None)
+            for chunk in (64 * per_sample, 3 * per_sample):
+                written = _attention_and_derivatives(q, k, v, None, chunk, written_derivative=True)
+                for a, b in zip([whole[0], whole[1], *whole[2]], [written[0], written[1], *written[2]]):
+                    assert torch.allclose(b, a, rtol=0, atol=tol * a.abs().max().item()), (dtype, shape, chunk)
+    mask = torch.randn(7, 2, 5, 5, generator=g)
+    with _BatchSizes() as seen:
+        _attention_and_derivatives(*(torch.randn(7, 2, 5, 4, generator=g) for _ in range(3)), mask, 3 * 2 * 5 * 5 * 4,
+                                   written_derivative=True)
+    assert seen.sizes == [3, 3, 1]                          # a masked call: the math kernel on slices
+
+
+def test_written_attention_derivative_in_energy_and_critic(attention_unet):
+    """EnergyScore and Critic on a diffusers UNet with attention take the written derivative by default. The DSM loss
+    and every parameter gradient equal the whole-batch math kernel's (``attention_chunk_bytes = None``) to 1e-10 in
+    float64 (the fused forward and the written derivatives round differently), for a ``dual_sobolev`` step with a
+    UNet critic too. Structural oracle at image size: the score ``-grad_x E`` differentiated once more through the
+    written second derivative has a symmetric Jacobian (``<u, J v> = <v, J u>`` to 1e-10 relative, float64, 12 x 16
+    x 16 = 3072 dimensions, attention over 64 tokens)."""
+    import gradscore
+
+    sde = VPSDE()
+    x0 = torch.randn(6, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    energy = EnergyScore(attention_unet(), sde).double()
+    critic = Critic(attention_unet(), sde, potential="inner").double()
+    assert energy.attention_written_derivative and critic.attention_written_derivative
+
+    def loss_and_grads(model, objective, chunk_bytes):
+        for m in (model, critic):
+            m.attention_chunk_bytes = chunk_bytes
+            m.zero_grad(set_to_none=True)
+        loss = objective(model, x0, generator=torch.Generator().manual_seed(2)).mean()
+        loss.backward()
+        params = [*model.parameters(), *(critic.parameters() if objective is not dsm else [])]
+        return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    dsm = DSMLoss(sde)
+    torch.manual_seed(3)
+    score = gradscore.ScoreModel(attention_unet(), sde).double()
+    for model, objective in ((energy, dsm), (score, gradscore.DualSobolevLoss(sde, critic, l2_weight=0.5))):
+        loss_w, grads_w = loss_and_grads(model, objective, ATTENTION_CHUNK_BYTES)
+        loss_m, grads_m = loss_and_grads(model, objective, None)
+        assert torch.allclose(loss_w, loss_m, rtol=1e-12, atol=0)
+        num = sum(float((a - b).pow(2).sum()) for a, b in zip(grads_w, grads_m))
+        den = sum(float(b.pow(2).sum()) for b in grads_m)
+        assert den > 0 and (num / den) ** 0.5 < 1e-10, (type(model).__name__, (num / den) ** 0.5)
+
+    big = EnergyScore(attention_unet(16, 12), sde).double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 12, 16, 16, dtype=torch.float64, generator=g).requires_grad_(True)
+    u, v = (torch.randn(2, 12, 16, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    with _BatchSizes() as seen:
+        s = big(x, torch.tensor([0.3, 0.7], dtype=torch.float64))
+    assert {shape[0][-2] for shape in seen.shapes} == {64} and len(seen.shapes) >= 3   # down, mid, up blocks at 8x8
+    (ju,) = torch.autograd.grad(s, x, u, retain_graph=True)
+    (jv,) = torch.autograd.grad(s, x, v)
+    u_jv, v_ju = (u * jv).sum(), (v * ju).sum()
+    assert abs(u_jv - v_ju) < 1e-10 * abs(u_jv), (u_jv, v_ju)
