@@ -220,3 +220,47 @@ def test_the_driver_step_is_the_objectives_phases_in_order(tmp_path, monkeypatch
     for (_, trains_model, score, critic), (_, _, score_next, critic_next) in zip(calls, calls[1:]):
         assert torch.equal(score, score_next) != trains_model
         assert not torch.equal(critic, critic_next)
+
+
+def test_optimistic_gradients_step_along_the_gradient_plus_its_change(tmp_path, monkeypatch):
+    """``critic.optimism = c`` (and ``train.optimism``): the optimizer steps along ``g + c (g - g_prev)``. Oracle: the
+    first step is plain, so a run with c = 0 reaches step 2 with the same weights and hands its raw gradients over;
+    at step 2 the optimistic run's critic gradients are ``g2 + c (g2 - g1)`` of those (1e-6 relative, float32) and
+    the score model's are the raw ones (its optimism is 0). ``g_prev`` is in the optimizer's state dict (a
+    checkpoint carries it); a negative or infinite weight is refused by name."""
+    import gradscore_train.loop as loop
+    from gradscore_train.config import ConfigError
+
+    seen = []
+    real = loop.Trainer._optimizer_step
+
+    def recording(self):
+        seen.append([p.grad.clone() for p in (*self._score_params, *self._critic_params)])
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, "_optimizer_step", recording)
+    base = ["objective.hparams.n_critic=1", "model.hidden=16", "model.depth=2", "critic.hidden=8", "critic.depth=2",
+            "train.batch_size=16", "train.warmup_steps=0", "eval.quality=false"]
+    grads = {}
+    for c in (0.0, 0.7):
+        seen.clear()
+        cfg = load_config(os.path.join(ROOT, "configs", "toy", "dual_sobolev.yaml"), base + [f"critic.optimism={c}"])
+        tr = Trainer(cfg, str(tmp_path / str(c)), None, False)
+        unwrapped = tr.acc.unwrap_model(tr.model)
+        for step in range(2):
+            tr._step(step, unwrapped)
+        grads[c] = [list(g) for g in seen]
+        n_score = len(tr._score_params)
+        if c:
+            state = tr.opt.state_dict()["state"]
+            assert sum("optimism_prev" in s for s in state.values()) == len(tr._critic_params)
+    (g1, g2), (o1, o2) = grads[0.0], grads[0.7]
+    for a, b in zip(o1, g1):
+        assert torch.equal(a, b)                                  # the first step is plain
+    for i, (a, b, prev) in enumerate(zip(o2, g2, g1)):
+        expected = b if i < n_score else b + 0.7 * (b - prev)
+        assert torch.allclose(a, expected, rtol=0, atol=1e-6 * expected.abs().max().item()), i
+    assert any(not torch.equal(a, b) for a, b in zip(o2[n_score:], g2[n_score:]))
+    for bad in ("critic.optimism=-0.5", "train.optimism=.inf"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(os.path.join(ROOT, "configs", "toy", "dual_sobolev.yaml"), base + [bad])
