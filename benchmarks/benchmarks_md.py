@@ -25,6 +25,8 @@ TRIED = """\
 | double-backward-friendly custom `Function`s for SiLU, GroupNorm, conv2d (backward written with differentiable ops: `conv_transpose2d`, analytic SiLU'' , GroupNorm formula; weight gradients skipped during the inner `autograd.grad`) | yes (rel. error 2e-7 to 2e-6 per op) | per-op double backward: conv 0.88x, SiLU 1.05x, GroupNorm 1.5x of native: no net gain in time, more code on the default path (memory was not measured then; the SiLU part came back as `CompactSiLU` above, for its memory) | no |
 | `torch.compile` | - | refuses double backward (aot_autograd), docs/engineering.md "Double backward" | no |
 | attention on slices of the batch (`math_attention(chunk_bytes)`, a `TorchFunctionMode` that splits `scaled_dot_product_attention` calls whose scores exceed 4 MiB; `EnergyScore` and `Critic` enter it when the backbone holds attention) | yes: each sample's computation unchanged (tests/test_attention_chunks.py: values, first and second derivatives to 1e-6) | UNet 32x32 (the 16x16 UNet's scores are below the chunk size): peak 1337 -> 840 MB (4.1x -> 2.6x L2), time 2.66-2.74x -> 2.59x L2 (two full runs) (the rows `energy[whole attention]` and `energy` above); the mode costs ~5% of the toy MLP's energy step, so it is not entered without attention | yes, default |
+| attention's derivative written out (`double_backward.twice_differentiable_attention`, docs/theory.md section 10.1): the fused kernel's forward, the first derivative as one autograd node saving `q, k, v, dO, O`, the second derivative written out with the probabilities recomputed on slices of the batch of at most 4 MiB of scores; `EnergyScore` and `Critic` send every unmasked attention call to it | yes: gradcheck/gradgradcheck (float64); values, first and second derivatives to 1e-12 (float64) and 2e-6 (float32) of the math kernel's; a UNet's energy and dual_sobolev gradients to 1e-10 (tests/test_attention_chunks.py) | the rows `energy` and `energy[math attention]` in the tables above (and "What limits the energy route"): no score-sized tensor is saved any more; measured while writing it (`energy` vs the whole-batch math kernel, interleaved): unet16 saved 160 -> 149 MB, unet32 780 -> 590 MB (L2: 305 MB) | yes, default |
+| `CompactGroupNorm` (commit cdcfc94, reverted): group norm's first derivative as one autograd node (PyTorch's `native_group_norm_backward`) with its second derivative written out per group (`d/dx = -r xh mean(v gx) - r^2 mean(gh xh) P(v) - r mean(v xh) gx`, `P` the projection off `1` and `xh`), instead of PyTorch's composite double backward | yes: gradcheck/gradgradcheck (float64), a UNet's parameter gradients to 1e-10 (float64), a symmetric score Jacobian at 3072 dimensions | unet16 energy step 2.46x vs 2.45x L2 with PyTorch's own (20 interleaved rounds), saved 159.2 vs 160.4 MB; one layer's forward + `create_graph` VJP + backward 0.8-1.3x PyTorch's own time ([32, 32, 16, 16] to [32, 64, 32, 32]): PyTorch's composite group-norm double backward is not where the time goes | no |
 | timing with glibc's mmap threshold pinned (how every time ratio before 2026-12-04 was measured, for the memory columns) | - | every allocation over 64 KiB an mmap with fresh page faults: the ratios of the steps that allocate more were inflated, energy 3.2x -> 2.5x and dual_sobolev (toy) 2.46x -> 2.05x once timed unpinned; timings now run unpinned, memory in a fresh pinned process | fixed |
 """
 
@@ -125,6 +127,14 @@ def _limits(results) -> str:
         if r and r.get("gflop_ratio"):
             parts.append(f"- {name}: energy step = {r['gflop_ratio']:.2f}x the L2 FLOPs, {r['time_ratio']:.2f}x the time, "
                          f"{_f(r.get('saved_mb_ratio'))}x the saved-for-backward bytes.")
+    for name, case in results["cases"].items():
+        rows = case.get("rows", {})
+        w, m = rows.get("energy"), rows.get("energy[math attention]")
+        if w and m:
+            parts.append(f"- {name}: attention with its derivative written out (`energy`) against the math kernel's "
+                         f"(`energy[math attention]`, the route until 2026-12-06): time {w['time_ratio']:.2f}x vs "
+                         f"{m['time_ratio']:.2f}x L2, saved {_f(w.get('saved_mb'))} vs {_f(m.get('saved_mb'))} MB, "
+                         f"peak {_f(w.get('peak_mb'))} vs {_f(m.get('peak_mb'))} MB.")
     p = results.get("profile")
     if p and "energy" in p and "l2" in p:
         e, ref = p["energy"], p["l2"]
@@ -252,8 +262,11 @@ def markdown(results, command: str) -> str:
             "fell from 4.1x to 2.6x L2's (the `energy[whole attention]` row beside `energy`) and the peak is now the "
             "saved graph itself (818 MB saved, 840 MB at the peak); finer slices (one sample) did not "
             "lower it further, since the engine interleaves the slices' backward nodes. At 16x16 the attention's scores "
-            "are 32x smaller and are not sliced. What is left above L2 is saved memory: GroupNorm's and SiLU's inputs "
-            "for the second-order formulas, the convolutions' cotangents, the attention's probabilities (64 MB at 32x32).",
+            "are 32x smaller and are not sliced. Since 2026-12-06 an unmasked attention call (diffusers' default) does "
+            "not reach the math kernel at all: `double_backward.twice_differentiable_attention` saves only `q, k, v` "
+            "and the cotangent, and recomputes the probabilities on slices in its written-out second derivative (the "
+            "`energy[math attention]` rows keep the sliced math-kernel route for comparison). What is left above L2 is "
+            "saved memory: GroupNorm's and SiLU's inputs for the second-order formulas and the convolutions' cotangents.",
             "",
             "## Fast paths tried (exact routes only)", "", TRIED, "",
             "## What limits the critic objectives on the toy MLP", "", _toy_critic(results), "", CRITIC_CAPACITY, "",

@@ -124,7 +124,7 @@ def _attention_input_grads(do, q, k, v, out, scale, chunk_bytes):
     """``(dq, dk, dv)`` of ``softmax(s q k^T) v`` for the cotangent ``do`` (``[n, L, d]`` each), in chunks."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dd = _row_dot(do, out)
-    for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * 4, chunk_bytes):
+    for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * q.element_size(), chunk_bytes):
         p = torch.softmax(torch.bmm(q[c], k[c].transpose(1, 2)).mul_(scale), -1)
         torch.bmm(p.transpose(1, 2), do[c], out=dv[c])
         a = torch.bmm(do[c], v[c].transpose(1, 2)).sub_(dd[c]).mul_(p)          # A = P * (dO v^T - D)
@@ -161,7 +161,7 @@ class _AttentionInputGrads(torch.autograd.Function):
             return (*grads, None, None, None)
         gdo, gqq, gkk, gvv = (torch.empty_like(a) for a in (do, q, k, v))
         dd = _row_dot(do, out)
-        for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * 4, ctx.chunk_bytes):
+        for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * q.element_size(), ctx.chunk_bytes):
             qc, kc, vc, doc = q[c], k[c], v[c], do[c]
             p = torch.softmax(torch.bmm(qc, kc.transpose(1, 2)).mul_(s), -1)
             dpd = torch.bmm(doc, vc.transpose(1, 2)).sub_(dd[c])                 # dO v^T - D

@@ -89,7 +89,8 @@ def test_written_attention_derivative_is_the_math_kernels():
     derivative and, through the first-derivative node's own gradgradcheck, the third (the recomputed plain graph).
     Against the whole-batch math kernel its value, first and second derivatives agree to 1e-12 in float64 and 2e-6
     in float32 (rounding of the fused forward and of reassociated sums), whether the backward runs in one chunk or
-    in slices of 3 samples, from 2 tokens to 256 (a 16x16 feature map), with a mask going to the sliced math kernel.
+    in slices of 3 samples, from 2 tokens to 256 (a 16x16 feature map) and for cross-attention (keys and values of
+    another length and width); a masked call goes to the sliced math kernel.
     """
     from gradscore.double_backward import _Attention, _attention_plain, _AttentionInputGrads
 
@@ -104,9 +105,12 @@ def test_written_attention_derivative_is_the_math_kernels():
     assert torch.autograd.gradgradcheck(input_grads, (do, q, k, v))
 
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
-        for shape in ((7, 2, 2, 4), (7, 2, 5, 4), (5, 4, 256, 8)):
-            q, k, v = (torch.randn(*shape, dtype=dtype, generator=g) for _ in range(3))
-            per_sample = shape[1] * shape[2] * shape[2] * 4
+        for shape, kv in (((7, 2, 2, 4), (2, 4)), ((7, 2, 5, 4), (5, 4)), ((5, 4, 256, 8), (256, 8)),
+                          ((6, 4, 16, 8), (7, 5))):          # the last: cross-attention (7 keys, values of width 5)
+            q = torch.randn(*shape, dtype=dtype, generator=g)
+            k = torch.randn(*shape[:2], kv[0], shape[3], dtype=dtype, generator=g)
+            v = torch.randn(*shape[:2], *kv, dtype=dtype, generator=g)
+            per_sample = shape[1] * shape[2] * kv[0] * q.element_size()
             whole = _attention_and_derivatives(q, k, v, None, None)
             for chunk in (64 * per_sample, 3 * per_sample):
                 written = _attention_and_derivatives(q, k, v, None, chunk, written_derivative=True)
