@@ -16,7 +16,6 @@ number, a number in a string field its text).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import types
@@ -110,7 +109,6 @@ class CriticConfig:
     clip_grad: float | None = None   # max norm of the critic's own gradients; None: train.clip_grad (.inf: none)
     weight_decay: float = 0.0       # AdamW decay of the critic's parameters only
     betas: list[float] | None = None   # AdamW (beta1, beta2) of the critic only, e.g. [0.5, 0.9]; None: torch's default
-    optimism: float = 0.0           # c: the critic steps along g + c (g - g_prev) (optimistic; 0: plain g)
 
 
 @dataclass
@@ -128,7 +126,6 @@ class TrainConfig:
     warmup_steps: int = 0
     max_steps: int = 2000
     clip_grad: float | None = 1.0   # max norm of the score model's gradients (null: no clipping)
-    optimism: float = 0.0           # c: the score model steps along g + c (g - g_prev) (optimistic; 0: plain g)
     cond_dropout: float = 0.0       # class-conditional: probability a label becomes the null label (guidance training)
     ema_decay: float = 0.999
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"   # auto: bf16 on a GPU that has it, else no
@@ -351,10 +348,6 @@ def _check_values(cfg: Config, where: str):
     for key, v in (("train.clip_grad", t.clip_grad), ("critic.clip_grad", cfg.critic.clip_grad)):
         if v is not None and not v > 0:
             raise ConfigError(f"{where}: {key} must be > 0 or null, got {v}")
-    for key, v in (("train.optimism", t.optimism), ("critic.optimism", cfg.critic.optimism)):
-        if not 0 <= v < math.inf:
-            raise ConfigError(f"{where}: {key} must be a finite number >= 0 (the optimistic gradient's g - g_prev "
-                              f"weight; 0: plain gradients), got {v}")
     b = cfg.critic.betas
     if b is not None and not (len(b) == 2 and all(0 <= v < 1 for v in b)):
         raise ConfigError(f"{where}: critic.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {b}")

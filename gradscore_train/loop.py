@@ -163,8 +163,6 @@ class Trainer:
         self._score_params = list(self.model.parameters())
         self._critic_params = list(self.critic.parameters()) if self.critic is not None else []
         self._zero_norm = torch.zeros((), device=acc.device)       # the norm of no gradients
-        self._optimism = [(ps, c) for ps, c in ((self._score_params, cfg.train.optimism),
-                                                (self._critic_params, cfg.critic.optimism)) if ps and c > 0]
         self._data_gen = torch.Generator()                      # reseeded for every micro-batch
         self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay)
         self.logbook = Logbook(output_dir, enabled=self.main)
@@ -257,33 +255,8 @@ class Trainer:
                             bad = acc.reduce(bad, "sum")
                         if bad.any():
                             self._diverged(step, phase.name, checked, bad)
-                    if self._optimism:
-                        self._optimistic_step()
-                    else:
-                        self._optimizer_step()
+                    self._optimizer_step()
         return total, gn, gn_critic
-
-    def _optimistic_step(self):
-        """The optimizer step with optimistic gradients (``train.optimism``, ``critic.optimism`` = c > 0): each such
-        group steps along ``g + c (g - g_prev)``, ``g`` its (clipped) gradient and ``g_prev`` that of its previous
-        optimizer step (none at the first: plain ``g``). ``g_prev`` lives in the optimizer's per-parameter state
-        (``optimism_prev``), so checkpoints carry it and a resumed run continues the same sequence."""
-        opt = getattr(self.opt, "optimizer", self.opt)
-        kept = []
-        for params, c in self._optimism:
-            ps = [p for p in params if p.grad is not None]
-            if not ps:
-                continue
-            grads = [p.grad for p in ps]
-            raw = torch._foreach_mul(grads, 1.0)
-            prev = [opt.state[p].get("optimism_prev") for p in ps]
-            if all(g is not None for g in prev):
-                torch._foreach_add_(grads, torch._foreach_sub(raw, prev), alpha=c)
-            kept.append((ps, raw))
-        self._optimizer_step()
-        for ps, raw in kept:
-            for p, g in zip(ps, raw):
-                opt.state[p]["optimism_prev"] = g
 
     def _labels(self, step: int, j: int) -> dict:
         """``{"class_labels": [micro_batch]}`` for a class-conditional model (``{}`` otherwise), each label
