@@ -125,7 +125,7 @@ def _attention_input_grads(do, q, k, v, out, scale, chunk_bytes):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dd = _row_dot(do, out)
     for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * q.element_size(), chunk_bytes):
-        p = torch.softmax(torch.bmm(q[c], k[c].transpose(1, 2)).mul_(scale), -1)
+        p = torch.softmax(torch.bmm(q[c] * scale, k[c].transpose(1, 2)), -1)     # scaled where it is small
         torch.bmm(p.transpose(1, 2), do[c], out=dv[c])
         a = torch.bmm(do[c], v[c].transpose(1, 2)).sub_(dd[c]).mul_(p)          # A = P * (dO v^T - D)
         torch.bmm(a, k[c], out=dq[c]).mul_(scale)
@@ -163,9 +163,10 @@ class _AttentionInputGrads(torch.autograd.Function):
         dd = _row_dot(do, out)
         for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * q.element_size(), ctx.chunk_bytes):
             qc, kc, vc, doc = q[c], k[c], v[c], do[c]
-            p = torch.softmax(torch.bmm(qc, kc.transpose(1, 2)).mul_(s), -1)
+            p = torch.softmax(torch.bmm(qc * s, kc.transpose(1, 2)), -1)
             dpd = torch.bmm(doc, vc.transpose(1, 2)).sub_(dd[c])                 # dO v^T - D
-            r = torch.baddbmm(torch.bmm(gq[c], kc.transpose(1, 2)), qc, gk[c].transpose(1, 2), beta=s, alpha=s)
+            # Abar = s (Gq k^T + q Gk^T) as one product over the concatenated head dimension
+            r = torch.bmm(torch.cat([gq[c], qc], -1).mul_(s), torch.cat([kc, gk[c]], -1).transpose(1, 2))
             r.sub_(_row_dot(r, p))                                               # R
             dpbar = r * p
             pbar = r.mul_(dpd).baddbmm_(doc, gv[c].transpose(1, 2))              # Pbar (a row constant dropped)
@@ -188,7 +189,8 @@ class _Attention(torch.autograd.Function):
         backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                     SDPBackend.MATH]
         with sdpa_kernel(backends):             # a fused kernel (the caller's context may have picked the math one)
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            # [1, n, L, d]: the fused CPU kernel takes 4-D inputs only (3-D ones fall back to the math kernel)
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale)[0]
         ctx.scale, ctx.chunk_bytes = scale, chunk_bytes
         ctx.save_for_backward(q, k, v, out)
         return out
