@@ -117,9 +117,11 @@ def test_compact_silu_is_silu_with_its_derivatives():
 
 def test_compact_silu_energy_on_a_unet_is_exact_and_saves_less(attention_unet):
     """EnergyScore converts its backbone's nn.SiLU (compact_silu). On a diffusers UNet with attention
-    the DSM loss is bitwise the plain route's (same forward kernels) and the parameter gradients agree
-    to float32 rounding (global relative 1e-5; measured 7e-7: only the SiLU second derivative is
-    evaluated in another order), while the step saves at most 80% of the plain route's bytes for
+    the DSM loss agrees with the plain route's to float32 rounding (1e-6 relative: the loss is a function of the
+    score, whose SiLU derivative PyTorch evaluates as a composite expression under ``create_graph``, 4e-7 apart
+    at most; the mean was bitwise equal by chance until the attention's forward became the fused kernel) and the
+    parameter gradients agree to float32 rounding (global relative 1e-5; measured 7e-7: only the SiLU second
+    derivative is evaluated in another order), while the step saves at most 80% of the plain route's bytes for
     backward (measured 64% on the benchmark UNet, BENCHMARKS.md)."""
     import copy
 
@@ -137,7 +139,7 @@ def test_compact_silu_energy_on_a_unet_is_exact_and_saves_less(attention_unet):
     x0 = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     loss_c, grads_c = _plain(compact, sde, x0)
     loss_p, grads_p = _plain(plain, sde, x0)
-    assert torch.equal(loss_c, loss_p)
+    torch.testing.assert_close(loss_c, loss_p, rtol=1e-6, atol=0)
     num = sum(float((a - b).pow(2).sum()) for a, b in zip(grads_c, grads_p))
     den = sum(float(b.pow(2).sum()) for b in grads_p)
     assert (num / den) ** 0.5 < 1e-5
