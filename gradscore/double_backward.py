@@ -225,8 +225,10 @@ _PLAIN_SDPA_KEYWORDS = {"attn_mask", "dropout_p", "is_causal", "scale", "enable_
 
 
 class _ChunkedAttention(TorchFunctionMode):
-    """``scaled_dot_product_attention`` called on slices of the batch whose scores (``heads x L_q x L_k``) hold at most
-    ``chunk_bytes`` each, then concatenated: the same per-sample computation, so the same values; but the
+    """``scaled_dot_product_attention`` under a double backward. A call without mask, dropout, causality or grouped
+    heads, in grad mode, float32/64 without autocast, goes to ``twice_differentiable_attention`` (with
+    ``written_derivative``). Any other call runs on slices of the batch whose scores (``heads x L_q x L_k``) hold at
+    most ``chunk_bytes`` each, then concatenated: the same per-sample computation, so the same values; but the
     math kernel's second-order backward (softmax's and the two products', several score-sized tensors) then runs on
     chunk-sized tensors instead of the whole batch's."""
 

@@ -259,8 +259,10 @@ class EnergyScore(nn.Module):
     ``CompactSiLU`` in place (``double_backward.compact_silu``: same function, same state dict; the
     double backward saves less memory, see BENCHMARKS.md, "Fast paths tried"); ``compact_silu=False``
     leaves the backbone untouched. ``attention_chunk_bytes`` (set from the backbone,
-    ``double_backward.attention_chunk_bytes``; ``None`` turns it off) runs attention on slices of the batch (same
-    values, a smaller double-backward peak).
+    ``double_backward.attention_chunk_bytes``; ``None`` turns it off) sends unmasked attention calls to
+    ``double_backward.twice_differentiable_attention`` (its second derivative written out: nothing of the scores' size
+    saved; ``attention_written_derivative = False`` keeps the math kernel's) and runs the others on slices of the
+    batch (same values, a smaller double-backward peak).
 
     Shapes: ``forward(x: [B, *D], t: [B] or float, **cond) -> [B, *D]``; ``energy(x, t, **cond) -> [B]``.
     """
