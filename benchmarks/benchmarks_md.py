@@ -13,7 +13,7 @@ TARGETS = (("energy", "time_ratio", 2.0), ("energy", "peak_mb_ratio", 2.5), ("du
 
 # What was tried to make the gradient-projected objectives cheaper, measured while writing the
 # benchmark (UNet2DModel 16x16 with mid attention, batch 32, 1 thread, shared 2-core machine under
-# load, interleaved medians). Only numerically exact routes were considered; none was kept.
+# load, interleaved medians). Only numerically exact routes were considered; the last column says which were kept.
 TRIED = """\
 | route | exact? | measured effect (UNet 16x16, energy step vs plain energy step) | kept |
 | --- | --- | --- | --- |
@@ -239,9 +239,10 @@ def markdown(results, command: str) -> str:
             "- The energy objective differentiates `-grad_x E` once more: forward (F) + input-only VJP (~F) + backward "
             "of both graphs (~2F + ~2F) against F + 2F for L2, so the FLOP ratio is ~2.0x by construction: the 2.0x time "
             "target sits exactly at the arithmetic floor and any overhead misses it.",
-            "- The rest is the double-backward formulas of GroupNorm and SiLU (composite, many elementwise kernels over "
-            "activation-sized tensors), the math-kernel attention (no fused SDPA double backward) and memory traffic: the "
-            "`other` time grows much faster than the convolution time (profile above).",
+            "- The rest is the double-backward formulas of GroupNorm and SiLU (many elementwise kernels over "
+            "activation-sized tensors; writing GroupNorm's out as one node did not make it faster, \"Fast paths "
+            "tried\"), the attention's second derivative (written out, its probabilities recomputed) and memory "
+            "traffic: the `other` time grows much faster than the convolution time (profile above).",
             "- Memory: the inner `autograd.grad(create_graph=True)` graph holds every layer's cotangent and the inputs of "
             "the second-order formulas next to the forward activations; checkpointing cannot drop them because the "
             "inner VJP runs inside `forward` and re-holds what is recomputed. Saved bytes by autograd node (unet16, "
