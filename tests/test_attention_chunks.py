@@ -169,3 +169,29 @@ def test_written_attention_derivative_in_energy_and_critic(attention_unet):
     (jv,) = torch.autograd.grad(s, x, v)
     u_jv, v_ju = (u * jv).sum(), (v * ju).sum()
     assert abs(u_jv - v_ju) < 1e-10 * abs(u_jv), (u_jv, v_ju)
+
+
+def test_written_attention_derivative_saves_nothing_of_the_scores_size(attention_unet):
+    """What the written derivative is for (docs/theory.md section 10.1): an energy step on a UNet with attention over
+    64 tokens saves no tensor shaped like the attention scores (``[..., 64, 64]``) for its backward, where the math
+    kernel's route (``attention_written_derivative = False``, the negative control) saves some. A structural check
+    of the memory claim; the bytes are measured in BENCHMARKS.md."""
+    sde = VPSDE()
+    energy = EnergyScore(attention_unet(16), sde)
+    x0 = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def saved_score_shaped(written):
+        energy.attention_written_derivative = written
+        shapes = []
+
+        def pack(t):
+            if t.dim() >= 3 and t.shape[-2:] == (64, 64):          # scores: [B(, heads), L, L]; not a weight
+                shapes.append(tuple(t.shape))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = DSMLoss(sde)(energy, x0, generator=torch.Generator().manual_seed(2)).mean()
+        loss.backward()
+        return shapes
+
+    assert saved_score_shaped(True) == []
+    assert saved_score_shaped(False)
