@@ -96,6 +96,19 @@ def compact_silu(module: nn.Module) -> int:
     return n
 
 
+def _plain_grads(outputs, inputs, needed, grad_outputs) -> list:
+    """Gradients of ``outputs`` (a differentiable graph) along ``grad_outputs`` for the ``inputs`` whose ``needed``
+    flag is set, with ``create_graph`` (a custom node's backward under grad mode: the caller differentiates again);
+    ``None`` for the others, an exact zero for a needed input the graph does not reach."""
+    wanted = [i for i, need in enumerate(needed) if need]
+    found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_outputs, create_graph=True,
+                                allow_unused=True)
+    grads = [None] * len(inputs)
+    for i, g in zip(wanted, found):
+        grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return grads
+
+
 # ------------------------------------------------------------------------------------------------------
 # Attention softmax(s q k^T) v with its first derivative as one node and its second derivative written out
 # (docs/theory.md, section 10.1), instead of the math kernel's composite graph (which saves the probabilities and
@@ -111,7 +124,10 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.reshape(n * rows, 1, m), b.reshape(n * rows, m, 1)).view(n, rows, 1)
 
 
-def _chunks(n: int, per_item: int, chunk_bytes: int | None) -> Iterator[slice]:
+def _chunks(q: torch.Tensor, k: torch.Tensor, chunk_bytes: int | None) -> Iterator[slice]:
+    """Slices of the first (batch x heads) dimension of ``[n, L_q, d]`` / ``[n, L_k, d]`` whose scores hold at most
+    ``chunk_bytes`` each (at least one item; ``None``: all at once)."""
+    n, per_item = q.shape[0], q.shape[1] * k.shape[1] * q.element_size()
     step = n if not chunk_bytes else max(1, min(n, chunk_bytes // max(per_item, 1)))
     return (slice(i, min(i + step, n)) for i in range(0, n, step))
 
@@ -124,7 +140,7 @@ def _attention_input_grads(do, q, k, v, out, scale, chunk_bytes):
     """``(dq, dk, dv)`` of ``softmax(s q k^T) v`` for the cotangent ``do`` (``[n, L, d]`` each), in chunks."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dd = _row_dot(do, out)
-    for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * q.element_size(), chunk_bytes):
+    for c in _chunks(q, k, chunk_bytes):
         p = torch.softmax(torch.bmm(q[c] * scale, k[c].transpose(1, 2)), -1)     # scaled where it is small
         torch.bmm(p.transpose(1, 2), do[c], out=dv[c])
         a = torch.bmm(do[c], v[c].transpose(1, 2)).sub_(dd[c]).mul_(p)          # A = P * (dO v^T - D)
@@ -148,20 +164,13 @@ class _AttentionInputGrads(torch.autograd.Function):
         do, q, k, v, out = ctx.saved_tensors
         s = ctx.scale
         if torch.is_grad_enabled():
-            inputs = (do, q, k, v)
-            wanted = [i for i in range(4) if ctx.needs_input_grad[i]]
-            with torch.enable_grad():
-                qq, kk, vv = (a if a.requires_grad else a.detach().requires_grad_(True) for a in (q, k, v))
-                firsts = torch.autograd.grad(_attention_plain(qq, kk, vv, s), (qq, kk, vv), do, create_graph=True)
-            found = torch.autograd.grad(firsts, [inputs[i] for i in wanted], (gq, gk, gv), create_graph=True,
-                                        allow_unused=True)
-            grads = [None] * 4
-            for i, g in zip(wanted, found):
-                grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+            qq, kk, vv = (a if a.requires_grad else a.detach().requires_grad_(True) for a in (q, k, v))
+            firsts = torch.autograd.grad(_attention_plain(qq, kk, vv, s), (qq, kk, vv), do, create_graph=True)
+            grads = _plain_grads(firsts, (do, q, k, v), ctx.needs_input_grad[:4], (gq, gk, gv))
             return (*grads, None, None, None)
         gdo, gqq, gkk, gvv = (torch.empty_like(a) for a in (do, q, k, v))
         dd = _row_dot(do, out)
-        for c in _chunks(q.shape[0], q.shape[1] * k.shape[1] * q.element_size(), ctx.chunk_bytes):
+        for c in _chunks(q, k, ctx.chunk_bytes):
             qc, kc, vc, doc = q[c], k[c], v[c], do[c]
             p = torch.softmax(torch.bmm(qc * s, kc.transpose(1, 2)), -1)
             dpd = torch.bmm(doc, vc.transpose(1, 2)).sub_(dd[c])                 # dO v^T - D
@@ -198,10 +207,10 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out = ctx.saved_tensors
-        do = do.contiguous()
+        do, out = do.contiguous(), out.detach()     # O enters the derivatives as a constant (docs/theory.md 10.1)
         if torch.is_grad_enabled():
             return (*_AttentionInputGrads.apply(do, q, k, v, out, ctx.scale, ctx.chunk_bytes), None, None)
-        return (*_attention_input_grads(do, q, k, v, out.detach(), ctx.scale, ctx.chunk_bytes), None, None)
+        return (*_attention_input_grads(do, q, k, v, out, ctx.scale, ctx.chunk_bytes), None, None)
 
 
 def twice_differentiable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -392,12 +401,8 @@ class _SiLUMLPInputGradient(torch.autograd.Function):
     def _recompute(ctx, gbar, u, d, w, c, wb):
         """The backward as a differentiable graph (grad mode on: the caller differentiates it again)."""
         inputs = (u, w, c, *wb)
-        wanted = [i for i, x in enumerate(inputs) if ctx.needs_input_grad[i + (i > 0)]]
-        found = torch.autograd.grad(_silu_mlp_input_gradient_plain(u, d, w, c, wb), [inputs[i] for i in wanted],
-                                    gbar, create_graph=True, allow_unused=True)
-        grads = [None] * len(inputs)
-        for i, g in zip(wanted, found):
-            grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+        needed = [ctx.needs_input_grad[i + (i > 0)] for i in range(len(inputs))]     # input 1 is d, an int
+        grads = _plain_grads(_silu_mlp_input_gradient_plain(u, d, w, c, wb), inputs, needed, gbar)
         return (grads[0], None, *grads[1:])
 
 
