@@ -249,6 +249,11 @@ def main(argv=None):
         results["cases"][name] = time_case(name, *built[name], args.quick, log=log)
     if args.bf16:
         results["bf16"] = True
+    else:
+        from benchmarks import driver_step
+
+        os.chdir(ROOT)
+        results["driver_step"] = driver_step.run(rounds=3 if args.quick else 7, log=log)
     if not brief:
         results["critic_sweep"] = critic_sweep(log=log)
         results["critic_floor"] = critic_matmul_floor(log=log)

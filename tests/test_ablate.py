@@ -5,6 +5,7 @@ Resume oracle: the training loop reseeds every step from (seed, step), so a run 
 first checkpoint and resumed by the runner must end with exactly the weights of the uninterrupted run
 (max abs difference 0: same ops in the same order on one thread).
 """
+import glob
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from gradscore_train.ablate import main
 from gradscore_train.ablation.assessment import assess_all
-from gradscore_train.ablation.config import load_ablation
+from gradscore_train.ablation.config import is_reference, load_ablation
 from gradscore_train.ablation.report import write_report
 from gradscore_train.ablation.runs import launch_command, train_all
 from gradscore_train.config import ConfigError
@@ -70,6 +71,15 @@ def test_unknown_or_bad_keys_raise_one_error_naming_them(tmp_path, change, named
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     assert main([_write(tmp_path, objectivs=["l2"])]) == 2
     assert "objectivs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "ablations", "*.yaml"))))
+def test_every_shipped_ablation_config_loads(path):
+    """Every grid of configs/ablations/ builds all its runs' training configs, and a wall-time reference names runs
+    of the grid (load_ablation raises a ConfigError naming the key otherwise)."""
+    ab = load_ablation(path)
+    ref = ab.schema.budget.wall_time
+    assert ab.runs("steps") and (ref is None or any(is_reference(r.label, ref) for r in ab.runs("steps")))
 
 
 @pytest.mark.parametrize("name", ["toy", "digits", "digits_cond", "cifar10"])
@@ -335,7 +345,6 @@ def test_image_study_tiny_grid(tmp_path):
     assert [p["predictors"] for p in again] == [p["predictors"] for p in pop]
 
     # an assessment cached before SIEM was an image predictor gets it on the next pass, the same number as a fresh one
-    import glob
     cache = sorted(glob.glob(os.path.join(ab.output_dir, "runs", "l2", "seed-0", "assessment", "step-0000004-*.json")))
     old = json.load(open(cache[0]))
     fresh = old["predictors"].pop("siem")
@@ -425,7 +434,6 @@ def test_parallel_assessment_equals_the_sequential_one(tmp_path):
     """launcher.parallel > 1 assesses the uncached checkpoints in that many spawned processes of one thread; every
     number must be what the sequential pass (this process, one thread) computes: same seeds, same ops, so equal up
     to 1e-12 (the same float64 arithmetic; exact in practice)."""
-    import glob
 
     path = _write(tmp_path, seeds=[0], launcher={"kind": "subprocess", "parallel": 2, "threads": 1})
     ab = load_ablation(path)

@@ -220,3 +220,38 @@ def test_the_driver_step_is_the_objectives_phases_in_order(tmp_path, monkeypatch
     for (_, trains_model, score, critic), (_, _, score_next, critic_next) in zip(calls, calls[1:]):
         assert torch.equal(score, score_next) != trains_model
         assert not torch.equal(critic, critic_next)
+
+
+def test_the_one_critic_step_recipe_trains_as_its_config_says(tmp_path):
+    """configs/toy/dual_sobolev_one_critic_step.yaml (issue 16 item 3: dual_sobolev alone at one joint step per
+    score step) is what BENCHMARKS.md measured: one phase per driver step (n_critic = 1), the score model's group at
+    lr 1e-3 with torch's betas, the 48-wide critic's at lr 3e-3 with betas (0, 0.9); one driver step moves both."""
+    cfg = load_config(os.path.join(ROOT, "configs", "toy", "dual_sobolev_one_critic_step.yaml"),
+                      ["eval.quality=false", "train.log_every=1000000", "train.checkpoint_every=0"])
+    tr = Trainer(cfg, str(tmp_path), None, False)
+    assert [p.name for p in tr.phases] == ["dual_sobolev"] and tr.objective.n_critic == 1
+    assert [(g["lr"], g["betas"]) for g in tr.opt.param_groups] == [(1e-3, (0.9, 0.999)), (3e-3, (0.0, 0.9))]
+    assert tr.critic.backbone.net[0].out_features == 48
+    before = [torch.cat([p.detach().flatten() for p in m.parameters()]).clone() for m in (tr.model, tr.critic)]
+    tr.seconds_per_step(1, first=60)                     # past the warm-up: both learning rates at full size
+    after = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (tr.model, tr.critic)]
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_driver_step_benchmark_reports_each_config_against_the_first(tmp_path, monkeypatch):
+    """benchmarks/driver_step.py: one row per config with its n_critic, the first config's ratio exactly 1 (each
+    round divides by itself), and BENCHMARKS.md's targets table reads the recipe's row against the 2x target."""
+    import sys
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(ROOT)
+    sys.modules.pop("benchmarks", None)
+    from benchmarks import benchmarks_md, driver_step
+
+    configs = ("configs/toy/l2.yaml", "configs/toy/dual_sobolev_one_critic_step.yaml")
+    rows = driver_step.run(configs, steps=2, rounds=2, log=lambda *a: None)
+    assert [r["config"] for r in rows] == list(configs) and [r["n_critic"] for r in rows] == [0, 1]
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ms"] > 0
+    target = benchmarks_md.targets_table({"cases": {}, "driver_step": rows})
+    assert "configs/toy/dual_sobolev_one_critic_step.yaml" in target and f"{rows[1]['ratio']:.2f}x" in target
+    assert "| configs/toy/l2.yaml | - |" in driver_step.table(rows)
