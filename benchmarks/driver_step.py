@@ -3,9 +3,9 @@
 What issue 16 item 3 asks of ``dual_sobolev`` alone: a step of at most 2x an L2 step. ``run.py``'s objective rows
 time one joint step (forward + backward of the loss); a recipe with ``n_critic`` critic steps makes ``n_critic - 1``
 critic-only steps besides, each with its own batch, clipping and optimizer step. This times what a user's run pays:
-``gradscore_train.loop.Trainer``'s step (``seconds_per_step``, the ablation runner's pilot) for each config, the
-configs in turn, ``rounds`` times, one thread; ``ratio`` is the median over rounds of the step time divided by the
-first config's step time of the same round (drift of a shared machine cancels).
+``gradscore_train.loop.Trainer``'s step for each config, side by side as the ablation runner's pilot does
+(``gradscore_train.ablation.wall_time.interleaved_seconds_per_step``), one thread; ``ratio`` is the median over rounds
+of the step time divided by the first config's step time of the same round (drift of a shared machine cancels).
 
     python benchmarks/driver_step.py        # the toy: L2, dual_sobolev (n_critic = 5), n_critic = 1's recipe
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 
 import torch
 
@@ -24,32 +23,24 @@ _QUIET = ["train.log_every=1000000", "eval.sample_every=0", "eval.diagnose_every
 
 def run(configs=TOY_CONFIGS, steps: int = 50, rounds: int = 7, log=print) -> list[dict]:
     """``[{config, n_critic, ms, ratio}]``: the driver's median seconds per optimizer step of each config and its
-    ratio to the first config's (interleaved rounds of ``steps`` steps after a warm-up)."""
+    ratio to the first config's (rounds of ``steps`` steps of each config in turn, after a warm-up)."""
+    from gradscore_train.ablation.wall_time import interleaved_seconds_per_step
+    from gradscore_train.build import check_objective_config
     from gradscore_train.config import load_config
-    from gradscore_train.loop import Trainer
-    from gradscore_train.ranks import stop_guard
+
+    cfgs = {path: load_config(path, _QUIET) for path in configs}
+    n_critic = {path: check_objective_config(c).validate(dict(c.objective.hparams)).get("n_critic", 0)
+                for path, c in cfgs.items()}
+
+    def report(r, times):
+        log(f"[driver step] round {r + 1}/{rounds}: "
+            + ", ".join(f"{os.path.basename(c)} {1e3 * v[-1]:.2f} ms" for c, v in times.items()))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    times: dict[str, list[float]] = {c: [] for c in configs}
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            trainers = {}
-            for i, path in enumerate(configs):
-                cfg = load_config(path, _QUIET)
-                trainers[path] = tr = Trainer(cfg, os.path.join(tmp, str(i)), None, progress=False)
-                tr.seconds_per_step(3)                          # warm-up: first calls, allocator
-            for r in range(rounds):
-                order = list(configs[r % len(configs):]) + list(configs[:r % len(configs)])
-                for path in order:
-                    times[path].append(trainers[path].seconds_per_step(steps, first=3 + r * steps))
-                log(f"[driver step] round {r + 1}/{rounds}: "
-                    + ", ".join(f"{os.path.basename(c)} {1e3 * v[-1]:.2f} ms" for c, v in times.items()))
-            n_critic = {c: trainers[c].objective.n_critic for c in configs}
-            for tr in trainers.values():
-                tr.logbook.close()
+        times = interleaved_seconds_per_step(cfgs, steps, rounds, report)
     finally:
-        stop_guard()
         torch.set_num_threads(threads)
     first = times[configs[0]]
     return [dict(config=c, n_critic=n_critic[c], ms=1e3 * statistics.median(times[c]),

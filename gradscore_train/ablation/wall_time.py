@@ -22,7 +22,7 @@ import torch
 
 from .config import Ablation, RunSpec, is_reference, write_json
 
-__all__ = ["measure_step_costs", "equal_time_steps"]
+__all__ = ["measure_step_costs", "equal_time_steps", "interleaved_seconds_per_step"]
 
 
 def _reference_label(ab: Ablation, spec: RunSpec, labels: dict) -> str:
@@ -47,11 +47,35 @@ def equal_time_steps(steps: int, reference_seconds: float, seconds: float) -> in
     return max(1, round(steps * reference_seconds / seconds))
 
 
-def measure_step_costs(ab: Ablation, progress: bool = True) -> dict:
-    """Time every label's optimizer step side by side, write and return ``step_costs.json`` (see the module)."""
+def interleaved_seconds_per_step(configs: dict, steps: int, rounds: int, report=None) -> dict[str, list[float]]:
+    """Seconds per optimizer step of each training config's ``Trainer`` (``{label: Config}``), timed side by side:
+    3 warm-up steps each, then ``rounds`` rounds that time ``steps`` steps of each config in turn (the pilot;
+    benchmarks/driver_step.py). ``{label: [seconds per step of each round]}``; ``report(round, times)`` after each
+    round. Throw-away Trainers in a temporary directory (their weights move)."""
     from ..loop import Trainer
     from ..ranks import stop_guard
 
+    times: dict[str, list[float]] = {label: [] for label in configs}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainers = {}
+            for i, (label, cfg) in enumerate(configs.items()):
+                trainers[label] = tr = Trainer(cfg, os.path.join(tmp, str(i)), None, progress=False)
+                tr.seconds_per_step(3)                            # warm-up: first calls, allocator
+            for r in range(rounds):
+                for label, tr in trainers.items():
+                    times[label].append(tr.seconds_per_step(steps, first=3 + r * steps))
+                if report is not None:
+                    report(r, times)
+            for tr in trainers.values():
+                tr.logbook.close()
+    finally:
+        stop_guard()
+    return times
+
+
+def measure_step_costs(ab: Ablation, progress: bool = True) -> dict:
+    """Time every label's optimizer step side by side, write and return ``step_costs.json`` (see the module)."""
     b, lc = ab.schema.budget, ab.schema.launcher
     first_seed = ab.schema.seeds[0]
     labels = {r.label: r for r in ab.runs("steps") if r.seed == first_seed}
@@ -59,24 +83,16 @@ def measure_step_costs(ab: Ablation, progress: bool = True) -> dict:
     if lc.threads:
         torch.set_num_threads(lc.threads)
     t0 = time.perf_counter()
-    times: dict[str, list[float]] = {label: [] for label in labels}
+
+    def report(r, times):
+        if progress:
+            print(f"[ablate] pilot round {r + 1}/{b.pilot_rounds}: "
+                  + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            trainers = {}
-            for i, (label, spec) in enumerate(labels.items()):
-                tr = Trainer(spec.config, os.path.join(tmp, str(i)), None, progress=False)
-                tr.seconds_per_step(3)                            # warm-up: first calls, allocator
-                trainers[label] = tr
-            for r in range(b.pilot_rounds):
-                for label, tr in trainers.items():
-                    times[label].append(tr.seconds_per_step(b.pilot_steps, first=3 + r * b.pilot_steps))
-                if progress:
-                    print(f"[ablate] pilot round {r + 1}/{b.pilot_rounds}: "
-                          + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
-            for tr in trainers.values():
-                tr.logbook.close()
+        times = interleaved_seconds_per_step({label: spec.config for label, spec in labels.items()}, b.pilot_steps,
+                                             b.pilot_rounds, report)
     finally:
-        stop_guard()
         torch.set_num_threads(threads)
     per_step = {label: statistics.median(v) for label, v in times.items()}
     n_ref = ab.runs("steps")[0].config.train.max_steps
