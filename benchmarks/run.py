@@ -35,7 +35,8 @@ CASES = {
     "unet32": dict(build=lambda names=None: unet_case(32, 32, names=names), rounds=(0, 5)),
 }
 
-EXTRA_ROWS = {"unet16": ("energy_forms", "math_attention", "wide_critic"), "unet32": ("math_attention",)}
+EXTRA_ROWS = {"toy": ("general_route",), "unet16": ("energy_forms", "math_attention", "wide_critic"),
+              "unet32": ("math_attention",)}
 
 
 def energy_form_steps(case_steps, energies=("norm", "residual")):
@@ -64,10 +65,23 @@ def math_attention_step(case_steps):
     return {"energy[math attention]": Step("energy[math attention]", model, base.objective, base.x0)}
 
 
+def general_route_step(case_steps):
+    """Extra row: the ``energy`` objective on a ``TimeMLP`` through ``input_gradient`` (``fused_input_gradient =
+    False``: the route until 2026-12-06) instead of the fused node ``gradscore.double_backward.silu_mlp_vjp``."""
+    import copy
+
+    base = case_steps["energy"]
+    model = copy.deepcopy(base.model)
+    model.fused_input_gradient = False
+    return {"energy[general route]": Step("energy[general route]", model, base.objective, base.x0)}
+
+
 def build_case(name, forms=(), bf16=False):
     """``(steps, info)`` of a case; ``forms``: extra rows, any of ``"energy_forms"``, ``"math_attention"``,
-    ``"wide_critic"``."""
+    ``"wide_critic"``, ``"general_route"``."""
     steps, info = CASES[name]["build"]()
+    if "general_route" in forms and "energy" in steps:
+        steps.update(general_route_step(steps))
     if "energy_forms" in forms:
         steps.update(energy_form_steps(steps))
     if "math_attention" in forms and "energy" in steps:

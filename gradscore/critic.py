@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .double_backward import CompactSiLU, attention_chunk_bytes, input_gradient, math_attention, silu_mlp_input_gradient
+from .double_backward import (
+    attention_chunk_bytes,
+    input_gradient,
+    math_attention,
+    silu_mlp_input_gradient,
+    time_mlp_layers,
+)
 from .double_backward import compact_silu as _convert_silu
-from .nets import TimeMLP
 from .parametrisation import call_backbone, resolve_time_input, scalar_per_sample
 from .sde import SDE, time_tensor
 
@@ -59,7 +64,8 @@ class Critic(nn.Module):
     The gradient is taken inside ``forward`` (with ``create_graph`` whenever grad mode is on) so a
     DDP-wrapped critic sees one ordinary graph. Parameters that ``grad_x psi`` does not depend on
     (the last bias of a scalar head) get an exact zero gradient (``input_gradient``), so DDP
-    with ``find_unused_parameters=False`` (accelerate's default) does not wait for them.
+    with ``find_unused_parameters=False`` (accelerate's default) does not wait for them. A scalar ``TimeMLP``
+    critic takes its gradient as one fused node in training (``fused_input_gradient = False``: the general route).
     """
 
     def __init__(self, backbone: nn.Module, sde: SDE, time_input: str = "auto", *, potential: str = "scalar",
@@ -73,6 +79,7 @@ class Critic(nn.Module):
         self.backbone, self.sde, self.time_input, self.potential_kind = backbone, sde, time_input, potential
         self.attention_chunk_bytes = attention_chunk_bytes(backbone)      # as for EnergyScore
         self.attention_written_derivative = True
+        self.fused_input_gradient = True      # a scalar TimeMLP: one fused node (False: input_gradient)
 
     def potential(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """``psi(x, t) = psi~(x, t) / sigma_t``, shape ``[B]``."""
@@ -106,30 +113,11 @@ class Critic(nn.Module):
     # objectives on the toy MLP"). Anything else, or anything that could observe the difference
     # (hooks, autocast, an x that requires grad), takes the general path.
     def _silu_mlp_layers(self, x: torch.Tensor):
-        bb = self.backbone
-        if (type(bb) is not TimeMLP or bb.out_dim != 1 or self.time_input != "t" or self.potential_kind == "inner"
-                or x.dim() < 2
-                or x.requires_grad or not torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.float64)
-                or torch.is_autocast_enabled(x.device.type) or x[0].numel() != bb.dim):
+        if self.potential_kind == "inner" or not self.fused_input_gradient:
             return None
-        mods = list(bb.net)
-        linears, acts = mods[0::2], mods[1::2]
-        if (len(mods) % 2 != 1 or not all(type(m) is nn.Linear and m.bias is not None for m in linears)
-                or not all(type(m) in (nn.SiLU, CompactSiLU) and not m.inplace for m in acts)
-                or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                       for m in (bb, bb.net, bb.time, *mods))
-                or _global_module_hooks()):
-            return None
-        return linears[:-1], linears[-1]
+        return time_mlp_layers(self.backbone, x, self.time_input, 1)
 
     def _silu_mlp_gradient(self, x, t, linears, head):
         bb = self.backbone
         grad = silu_mlp_input_gradient(bb.net_input(x, t), bb.dim, linears, head)
         return (grad / self.sde.sigma(t).to(x.dtype)[:, None]).reshape(x.shape)
-
-
-def _global_module_hooks() -> bool:
-    from torch.nn.modules import module as m
-
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-                or m._global_backward_pre_hooks)

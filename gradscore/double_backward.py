@@ -32,7 +32,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["input_gradient", "math_attention", "attention_chunk_bytes", "ATTENTION_CHUNK_BYTES", "CompactSiLU",
-           "compact_silu", "twice_differentiable_attention"]
+           "compact_silu", "twice_differentiable_attention", "silu_mlp_input_gradient", "silu_mlp_vjp",
+           "time_mlp_layers"]
 
 
 class _SiLUDerivative(torch.autograd.Function):
@@ -332,10 +333,11 @@ def input_gradient(scalar_fn: Callable[..., torch.Tensor], x: torch.Tensor, *arg
 
 
 # ------------------------------------------------------------------------------------------------------
-# One fused node for grad_x of a scalar SiLU MLP (the toy critic): psi~(u) = h_L . w + c with
-# h_k = silu(a_k), a_k = h_{k-1} W_k^T + b_k, h_0 = u. Autograd's double backward of the same chain
-# dispatches ~3x the operators (views, transposes, the zero-weighted value term, the composite SiLU'')
-# for the same matmuls. tests/test_fast_paths.py checks it against input_gradient.
+# One fused node for the input gradient of a SiLU MLP (the toy critic, and the toy energy): with h_k = silu(a_k),
+# a_k = h_{k-1} W_k^T + b_k, h_0 = u, the node returns J^T w restricted to the first d inputs (J = d h_L / d u, w the
+# cotangent of h_L: the critic's head weight, or per sample for the inner-product energy) and h_L. Autograd's double
+# backward of the same chain dispatches ~3x the operators (views, transposes, the zero-weighted value term, the
+# composite SiLU'') for the same matmuls. tests/test_fast_paths.py checks it against autograd.
 def _silu2_times(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``z * silu''(a)`` (``z`` overwritten), ``silu''(a) = s (1 - s) (2 + a (1 - 2 s))``, ``s = sigmoid(a)``."""
     s = torch.sigmoid(a)
@@ -344,13 +346,15 @@ def _silu2_times(z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 class _SiLUMLPInputGradient(torch.autograd.Function):
-    """``(u [B, D], d, w, c, W_1, b_1, ..., W_L, b_L) -> grad_u psi~ [:, :d]``, ``[B, d]``, with head
-    weight ``w [1, H]`` and bias ``c`` (which the gradient does not depend on: it gets an exact zero).
-    The backward is the adjoint of the forward pass and of the gradient pass, written out; under
-    ``create_graph`` (a third derivative) it recomputes the plain autograd graph instead."""
+    """``(u [B, D], d, w, c, W_1, b_1, ..., W_L, b_L) -> (J^T w [:, :d], h_L)``: ``[B, d]`` and ``[B, H]``, with
+    the cotangent ``w`` of ``h_L`` shared (``[1, H]``, a scalar head's weight) or per sample (``[B, H]``) and ``c``
+    a head bias the result does not depend on (an exact zero gradient; ``None``: none). The backward is the adjoint
+    of the forward pass and of the gradient pass, written out; under ``create_graph`` (a third derivative) it
+    recomputes the plain autograd graph instead."""
 
     @staticmethod
     def forward(ctx, u, d, w, c, *wb):
+        ctx.set_materialize_grads(False)                                # an unused output's cotangent is None
         weights, biases = wb[0::2], wb[1::2]
         h, ins, acts = u, [], []
         for W, b in zip(weights, biases):
@@ -362,17 +366,19 @@ class _SiLUMLPInputGradient(torch.autograd.Function):
             deltas.append(delta)
             cs.append(torch.ops.aten.silu_backward(delta, acts[k]))
             delta = cs[-1].mm(weights[k][:, :d] if k == 0 else weights[k])
-        ctx.d, ctx.n = d, len(weights)
+        ctx.d, ctx.n, ctx.has_c = d, len(weights), c is not None
         ctx.save_for_backward(u, w, c, *wb, *ins[1:], *acts, *deltas[:0:-1], *cs[::-1])
-        return delta
+        return delta, h
 
     @staticmethod
-    def backward(ctx, gbar):
+    def backward(ctx, gbar, hbar):
         d, n = ctx.d, ctx.n
         saved = ctx.saved_tensors
         u, w, c, wb = saved[0], saved[1], saved[2], saved[3:3 + 2 * n]
+        if gbar is None:
+            gbar = u.new_zeros(u.shape[0], d)
         if torch.is_grad_enabled():
-            return _SiLUMLPInputGradient._recompute(ctx, gbar, u, d, w, c, wb)
+            return _SiLUMLPInputGradient._recompute(ctx, gbar, hbar, u, d, w, c, wb)
         rest = saved[3 + 2 * n:]
         weights, ins = wb[0::2], (u, *rest[:n - 1])
         acts, deltas, cs = rest[n - 1:2 * n - 1], (*rest[2 * n - 1:3 * n - 2], w), rest[3 * n - 2:]
@@ -385,8 +391,10 @@ class _SiLUMLPInputGradient(torch.autograd.Function):
                 gw[k] = F.pad(gw[k], (0, u.shape[1] - d))
             dbar = torch.ops.aten.silu_backward(cbar, acts[k])
             abar2[k] = _silu2_times(cbar.mul_(deltas[k]), acts[k])
-        gw_head = dbar.sum(0, keepdim=True)                             # delta_L = w, broadcast over the batch
+        gw_top = dbar.sum(0, keepdim=True) if w.shape[0] != dbar.shape[0] else dbar   # delta_L = w
         abar, gu = abar2[n - 1], None
+        if hbar is not None:                                            # h_L used downstream (the energy's head)
+            abar = abar.add_(torch.ops.aten.silu_backward(hbar, acts[n - 1]))
         for k in range(n - 1, -1, -1):                                  # the forward pass, top-down
             gw[k] = torch.addmm(gw[k], abar.t(), ins[k])
             gb[k] = abar.sum(0)
@@ -395,25 +403,28 @@ class _SiLUMLPInputGradient(torch.autograd.Function):
                 abar = abar2[k - 1].add_(torch.ops.aten.silu_backward.grad_input(hbar, acts[k - 1], grad_input=hbar))
             elif ctx.needs_input_grad[0]:
                 gu = abar.mm(weights[0])
-        return (gu, None, gw_head, torch.zeros_like(c), *(g for pair in zip(gw, gb) for g in pair))
+        gc = torch.zeros_like(c) if ctx.has_c else None
+        return (gu, None, gw_top, gc, *(g for pair in zip(gw, gb) for g in pair))
 
     @staticmethod
-    def _recompute(ctx, gbar, u, d, w, c, wb):
+    def _recompute(ctx, gbar, hbar, u, d, w, c, wb):
         """The backward as a differentiable graph (grad mode on: the caller differentiates it again)."""
         inputs = (u, w, c, *wb)
         needed = [ctx.needs_input_grad[i + (i > 0)] for i in range(len(inputs))]     # input 1 is d, an int
-        grads = _plain_grads(_silu_mlp_input_gradient_plain(u, d, w, c, wb), inputs, needed, gbar)
+        outs = _silu_mlp_input_gradient_plain(u, d, w, c, wb)
+        used = [(o, g) for o, g in zip(outs, (gbar, hbar)) if g is not None]
+        grads = _plain_grads([o for o, _ in used], inputs, needed, [g for _, g in used])
         return (grads[0], None, *grads[1:])
 
 
 def _silu_mlp_input_gradient_plain(u, d, w, c, wb):
-    """What ``_SiLUMLPInputGradient`` computes, with autograd (the reference of the tests)."""
+    """What ``_SiLUMLPInputGradient`` computes, with autograd (the reference of the tests): ``(J^T w [:, :d], h_L)``."""
     uu = u if u.requires_grad else u.detach().requires_grad_(True)
     h = uu
     for W, b in zip(wb[0::2], wb[1::2]):
         h = F.silu(F.linear(h, W, b))
-    (g,) = torch.autograd.grad(F.linear(h, w, c).sum(), uu, create_graph=True)
-    return g[:, :d]
+    (g,) = torch.autograd.grad((h * w).sum(), uu, create_graph=True)
+    return g[:, :d], h
 
 
 def silu_mlp_input_gradient(u: torch.Tensor, d: int, linears: list[nn.Linear], head: nn.Linear) -> torch.Tensor:
@@ -422,4 +433,44 @@ def silu_mlp_input_gradient(u: torch.Tensor, d: int, linears: list[nn.Linear], h
     bias included (an exact zero), gets a gradient through the result, as with ``input_gradient``; the
     derivative with respect to ``u`` is taken only when ``u`` requires grad."""
     params = [p for lin in linears for p in (lin.weight, lin.bias)]
-    return _SiLUMLPInputGradient.apply(u, d, head.weight, head.bias, *params)
+    return _SiLUMLPInputGradient.apply(u, d, head.weight, head.bias, *params)[0]
+
+
+def silu_mlp_vjp(u: torch.Tensor, d: int, linears: list[nn.Linear],
+                 w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((d h_L / d u)^T w [:, :d], h_L)`` of the SiLU MLP ``h_L = silu(... silu(linears[0](u)))`` for a cotangent
+    ``w [B, H]`` of ``h_L`` (every layer with a bias), as one autograd node differentiable in ``u``, ``w`` and the
+    layers' parameters: the inner-product energy's input gradient of a ``TimeMLP`` in one node (``EnergyScore``)."""
+    params = [p for lin in linears for p in (lin.weight, lin.bias)]
+    return _SiLUMLPInputGradient.apply(u, d, w, None, *params)
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
+def time_mlp_layers(backbone: nn.Module, x: torch.Tensor, time_input: str,
+                    out_dim: int | None) -> tuple[list[nn.Linear], nn.Linear] | None:
+    """``(hidden linears, head)`` of a ``TimeMLP`` backbone whose input gradient the fused node can take
+    (``silu_mlp_input_gradient``, ``silu_mlp_vjp``) for this call, else ``None``: a ``TimeMLP`` with output width
+    ``out_dim`` read with time ``t``, in grad mode, float32/64 without autocast, on an ``x`` that does not require
+    grad (a caller differentiating in ``x``, the likelihood's divergence, takes the general route), with the
+    ``Linear``/``SiLU`` layout and no hooks (anything that could observe the difference takes the general route)."""
+    from .nets import TimeMLP
+
+    if (type(backbone) is not TimeMLP or backbone.out_dim != out_dim or time_input != "t" or x.dim() < 2
+            or x.requires_grad or not torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.float64)
+            or torch.is_autocast_enabled(x.device.type) or x[0].numel() != backbone.dim):
+        return None
+    mods = list(backbone.net)
+    linears, acts = mods[0::2], mods[1::2]
+    if (len(mods) % 2 != 1 or not all(type(m) is nn.Linear and m.bias is not None for m in linears)
+            or not all(type(m) in (nn.SiLU, CompactSiLU) and not m.inplace for m in acts)
+            or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in (backbone, backbone.net, backbone.time, *mods))
+            or _global_module_hooks()):
+        return None
+    return linears[:-1], linears[-1]

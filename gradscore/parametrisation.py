@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .double_backward import attention_chunk_bytes, input_gradient, math_attention
+from .double_backward import attention_chunk_bytes, input_gradient, math_attention, silu_mlp_vjp, time_mlp_layers
 from .double_backward import compact_silu as _convert_silu
 from .sde import SDE, broadcast_to, time_tensor
 
@@ -262,7 +262,9 @@ class EnergyScore(nn.Module):
     ``double_backward.attention_chunk_bytes``; ``None`` turns it off) sends unmasked attention calls to
     ``double_backward.twice_differentiable_attention`` (its second derivative written out: nothing of the scores' size
     saved; ``attention_written_derivative = False`` keeps the math kernel's) and runs the others on slices of the
-    batch (same values, a smaller double-backward peak).
+    batch (same values, a smaller double-backward peak). A ``TimeMLP`` backbone through the inner-product energy
+    takes its input gradient as one fused node in training (``double_backward.silu_mlp_vjp``: the same values and
+    gradients with fewer operators); ``fused_input_gradient = False`` keeps the general route.
 
     Shapes: ``forward(x: [B, *D], t: [B] or float, **cond) -> [B, *D]``; ``energy(x, t, **cond) -> [B]``.
     """
@@ -283,6 +285,7 @@ class EnergyScore(nn.Module):
         self.backbone, self.sde, self.time_input = backbone, sde, resolve_time_input(backbone, time_input)
         self.attention_chunk_bytes = attention_chunk_bytes(backbone)
         self.attention_written_derivative = True     # twice_differentiable_attention (False: the math kernel's)
+        self.fused_input_gradient = True             # a TimeMLP inner energy: one fused node (False: input_gradient)
 
     def energy(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """``E_theta(x, t | cond)``, shape ``[B]``."""
@@ -294,5 +297,23 @@ class EnergyScore(nn.Module):
 
     def forward(self, x: torch.Tensor, t: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         t = time_tensor(t, x, batch=x.shape[0])
+        layers = None if cond else self._silu_mlp_layers(x)
+        if layers is not None:
+            return self._silu_mlp_score(x, t, *layers)
         grad, _ = input_gradient(lambda x_, t_: self.energy(x_, t_, **cond), x, t)
         return -grad
+
+    # The toy's energy, a TimeMLP through the inner-product energy: grad_x E = (f + J_f^T x) / (2 sigma_t) with
+    # J_f^T x through one fused node (double_backward.silu_mlp_vjp), the same function and gradients as
+    # input_gradient with fewer operators (tests/test_fast_paths.py; BENCHMARKS.md, "Fast paths tried").
+    def _silu_mlp_layers(self, x: torch.Tensor):
+        inner = self.energy_name == "inner" or (self.energy_name == "auto" and x[0].numel() != 1)
+        if not (self.fused_input_gradient and inner):
+            return None
+        return time_mlp_layers(self.backbone, x, self.time_input, x[0].numel())
+
+    def _silu_mlp_score(self, x, t, linears, head):
+        half = 0.5 / self.sde.sigma(t).to(x.dtype)[:, None]                # 1 / (2 sigma_t)
+        xf = x.reshape(x.shape[0], -1)
+        g, h = silu_mlp_vjp(self.backbone.net_input(x, t), xf.shape[1], linears, (xf * half).mm(head.weight))
+        return torch.addcmul(g, head(h), half).neg().reshape(x.shape)      # -(f + J_f^T x) / (2 sigma_t)

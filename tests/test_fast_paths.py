@@ -27,6 +27,7 @@ def _setup(dtype, energy="inner"):
     torch.manual_seed(0)
     sde = VPSDE()
     model = EnergyScore(TimeMLP(D, 32, 2), sde, energy=energy).to(dtype)
+    model.fused_input_gradient = False          # the general route (input_gradient) is the reference here
     x0 = torch.randn(B, D, dtype=dtype, generator=torch.Generator().manual_seed(1))
     return sde, model, x0
 
@@ -82,6 +83,7 @@ def test_checkpointed_energy_is_exact_in_float32():
     for energy in ("inner", "residual"):
         sde, model, x0 = _setup(torch.float32, energy)
         ckpt = _CheckpointedEnergy(TimeMLP(D, 32, 2), sde, energy=energy)
+        ckpt.fused_input_gradient = False       # through its checkpointed energy()
         ckpt.load_state_dict(model.state_dict())
         loss_ref, grads_ref = _plain(model, sde, x0)
         loss, grads = _plain(ckpt, sde, x0)
@@ -255,7 +257,7 @@ def test_fused_silu_mlp_gradient_higher_derivatives_and_dispatch():
         if name == "fused":
             g = silu_mlp_input_gradient(uu, D, linears[:-1], linears[-1])
         else:
-            g = _silu_mlp_input_gradient_plain(uu, D, linears[-1].weight, linears[-1].bias, wb)
+            g = _silu_mlp_input_gradient_plain(uu, D, linears[-1].weight, linears[-1].bias, wb)[0]
         first = torch.autograd.grad((g * v).sum() + (g**2).sum(), [uu, *params], create_graph=True, allow_unused=True)
         first = [torch.zeros_like(p) if f is None else f for f, p in zip(first, [uu, *params])]
         third = torch.autograd.grad(sum((f**2).sum() for f in first[1:]), params, allow_unused=True)
@@ -276,3 +278,83 @@ def test_fused_silu_mlp_gradient_higher_derivatives_and_dispatch():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert critic._silu_mlp_layers(x) is None
     assert Critic(TimeMLP(D, 13, 2), VPSDE(), potential="auto")._silu_mlp_layers(x) is None      # vector output
+
+
+def test_fused_timemlp_energy_is_the_general_route():
+    """``EnergyScore(TimeMLP(d))`` through the inner-product energy ``E = <x, f> / (2 sigma_t)`` takes
+    ``grad_x E = (f + J_f^T x) / (2 sigma_t)`` with ``J_f^T x`` from one fused node (``double_backward.silu_mlp_vjp``).
+    Same function and gradients as the general route (``input_gradient``): the score, the DSM loss and every parameter
+    gradient agree to 1e-12 relative in float64 (rounding of the same sums in another order) and 2e-5 in float32, from
+    d = 3 to a flattened 28x28 image (d = 784), for energy ``"inner"`` and ``"auto"``; the state dict is untouched."""
+    cases = ((D, torch.float64, 1e-12, "inner"), (D, torch.float32, 2e-5, "auto"), (64, torch.float64, 1e-12, "auto"),
+             (784, torch.float64, 1e-12, "inner"))
+    for dim, dtype, tol, energy in cases:
+        torch.manual_seed(0)
+        sde = VPSDE()
+        model = EnergyScore(TimeMLP(dim, 19, 3), sde, energy=energy).to(dtype)
+        keys = list(model.state_dict())
+        x0 = torch.randn(B, dim, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        t = torch.rand(B, dtype=dtype, generator=torch.Generator().manual_seed(4)) * 0.9 + 0.05
+        out = {}
+        for fused in (True, False):
+            model.fused_input_gradient = fused
+            assert (model._silu_mlp_layers(x0) is not None) == fused
+            score = model(x0, t).detach()
+            loss, grads = _plain(model, sde, x0)
+            out[fused] = score, loss, grads
+        (s_f, loss_f, grads_f), (s_p, loss_p, grads_p) = out[True], out[False]
+        assert torch.allclose(s_f, s_p, rtol=0, atol=tol * s_p.abs().max().item())
+        assert torch.allclose(loss_f, loss_p, rtol=tol, atol=0)
+        for a, b in zip(grads_f, grads_p):
+            assert torch.allclose(a, b, rtol=0, atol=tol * b.abs().max().item() + 1e-300)
+        assert list(model.state_dict()) == keys
+
+
+def test_fused_silu_mlp_vjp_higher_derivatives_and_dispatch():
+    """``silu_mlp_vjp(u, d, linears, w)`` (``(J^T w)[:, :d]`` and ``h_L``, ``w`` per sample) against autograd on the
+    same MLP in float64 (1e-12 relative): with both outputs used and with ``h_L`` unused, the derivatives of a loss
+    of them with respect to ``u``, ``w`` and every parameter, and the third derivative (``create_graph`` through its
+    backward, which recomputes the plain graph). ``EnergyScore`` takes it only for a ``TimeMLP`` through the
+    inner-product energy, in grad mode, without conditioning, hooks, autocast or an input requiring grad."""
+    from gradscore.double_backward import _silu_mlp_input_gradient_plain, silu_mlp_vjp
+
+    torch.manual_seed(0)
+    net = TimeMLP(D, 13, 3).double()
+    hidden = [m for m in net.net if isinstance(m, torch.nn.Linear)][:-1]
+    wb = [p for m in hidden for p in (m.weight, m.bias)]
+    u, w = torch.randn(B, D + 32, dtype=torch.float64), torch.randn(B, 13, dtype=torch.float64)
+    v, z = torch.randn(B, D, dtype=torch.float64), torch.randn(B, 13, dtype=torch.float64)
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=0, atol=1e-12 * b.abs().max().item() + 1e-300)
+
+    for use_h in (True, False):
+        out = {}
+        for name in ("fused", "plain"):
+            uu, ww = u.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            g, h = (silu_mlp_vjp(uu, D, hidden, ww) if name == "fused"
+                    else _silu_mlp_input_gradient_plain(uu, D, ww, None, wb))
+            loss = (g * v).sum() + (g**2).sum() + (((h * z).sum() + (h**2).sum()) if use_h else 0)
+            inputs = [uu, ww, *wb]
+            first = torch.autograd.grad(loss, inputs, create_graph=True)
+            third = torch.autograd.grad(sum((f**2).sum() for f in first[1:]), inputs[1:])
+            out[name] = (g, h, first, third)
+        (g_f, h_f, first_f, third_f), (g_p, h_p, first_p, third_p) = out["fused"], out["plain"]
+        assert close(g_f, g_p) and close(h_f, h_p)
+        assert all(close(a, b) for a, b in zip(first_f, first_p))
+        assert all(close(a, b) for a, b in zip(third_f, third_p))
+
+    model, x = EnergyScore(TimeMLP(D, 13, 2), VPSDE()), torch.randn(B, D)
+    assert model._silu_mlp_layers(x) is not None
+    with torch.no_grad():
+        assert model._silu_mlp_layers(x) is None
+    assert model._silu_mlp_layers(x.clone().requires_grad_(True)) is None      # the likelihood's divergence
+    handle = model.backbone.net[0].register_forward_hook(lambda *a: None)
+    assert model._silu_mlp_layers(x) is None
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model._silu_mlp_layers(x) is None
+    for energy in ("norm", "residual"):
+        assert EnergyScore(TimeMLP(D, 13, 2), VPSDE(), energy=energy)._silu_mlp_layers(x) is None
+    assert EnergyScore(TimeMLP(D, 13, 2, out_dim=1), VPSDE())._silu_mlp_layers(x) is None        # a scalar energy
+    assert EnergyScore(TimeMLP(1, 13, 2), VPSDE())._silu_mlp_layers(torch.randn(B, 1)) is None    # d = 1: scalar
