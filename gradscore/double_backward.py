@@ -361,13 +361,13 @@ class _SiLUMLPInputGradient(torch.autograd.Function):
             ins.append(h)
             acts.append(torch.addmm(b, h, W.t()))                       # F.linear's kernel on [B, D]
             h = F.silu(acts[-1])
-        delta, deltas, cs = w.expand(u.shape[0], w.shape[1]), [], []
+        delta, deltas = w.expand(u.shape[0], w.shape[1]), []
         for k in range(len(weights) - 1, -1, -1):
             deltas.append(delta)
-            cs.append(torch.ops.aten.silu_backward(delta, acts[k]))
-            delta = cs[-1].mm(weights[k][:, :d] if k == 0 else weights[k])
+            delta = torch.ops.aten.silu_backward(delta, acts[k]).mm(weights[k][:, :d] if k == 0 else weights[k])
         ctx.d, ctx.n, ctx.has_c = d, len(weights), c is not None
-        ctx.save_for_backward(u, w, c, *wb, *ins[1:], *acts, *deltas[:0:-1], *cs[::-1])
+        # c_k = delta_k * silu'(a_k) is recomputed in the backward (one elementwise pass) rather than saved
+        ctx.save_for_backward(u, w, c, *wb, *ins[1:], *acts, *deltas[:0:-1])
         return delta, h
 
     @staticmethod
@@ -381,21 +381,23 @@ class _SiLUMLPInputGradient(torch.autograd.Function):
             return _SiLUMLPInputGradient._recompute(ctx, gbar, hbar, u, d, w, c, wb)
         rest = saved[3 + 2 * n:]
         weights, ins = wb[0::2], (u, *rest[:n - 1])
-        acts, deltas, cs = rest[n - 1:2 * n - 1], (*rest[2 * n - 1:3 * n - 2], w), rest[3 * n - 2:]
+        acts, deltas = rest[n - 1:2 * n - 1], (*rest[2 * n - 1:3 * n - 2], w)
         gw, gb, abar2 = [None] * n, [None] * n, [None] * n
         dbar = gbar                                                     # adjoint of delta_{k-1}, k = 1..L
         for k in range(n):                                              # the gradient pass, bottom-up
             cbar = dbar.mm((weights[k][:, :d] if k == 0 else weights[k]).t())
-            gw[k] = cs[k].t().mm(dbar)
+            delta_k = deltas[k].expand(cbar.shape)
+            gw[k] = torch.ops.aten.silu_backward(delta_k, acts[k]).t().mm(dbar)      # c_k^T dbar
             if k == 0 and d < u.shape[1]:
                 gw[k] = F.pad(gw[k], (0, u.shape[1] - d))
             dbar = torch.ops.aten.silu_backward(cbar, acts[k])
-            abar2[k] = _silu2_times(cbar.mul_(deltas[k]), acts[k])
+            abar2[k] = _silu2_times(cbar.mul_(delta_k), acts[k])
         gw_top = dbar.sum(0, keepdim=True) if w.shape[0] != dbar.shape[0] else dbar   # delta_L = w
         abar, gu = abar2[n - 1], None
         if hbar is not None:                                            # h_L used downstream (the energy's head)
             abar = abar.add_(torch.ops.aten.silu_backward(hbar, acts[n - 1]))
         for k in range(n - 1, -1, -1):                                  # the forward pass, top-down
+            abar2[k] = None                                             # held as abar only: freed at the next layer
             gw[k] = torch.addmm(gw[k], abar.t(), ins[k])
             gb[k] = abar.sum(0)
             if k > 0:
