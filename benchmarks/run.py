@@ -232,6 +232,16 @@ def profile_split(case="unet16", names=("l2", "energy")):
     return out
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether /proc/cpuinfo lists native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16``); True where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="toy and 16x16 UNet timing only (< 1 min)")
@@ -250,6 +260,9 @@ def main(argv=None):
     if args.memory_case:
         return _memory_case_main(args.memory_case)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    if args.bf16 and not _cpu_has_bf16():
+        log("[bf16] warning: this CPU has neither avx512_bf16 nor amx_bf16 (/proc/cpuinfo): PyTorch emulates bf16 "
+            "here, so the ratios time the emulation, not the objectives (BENCHMARKS.md, 'bf16 autocast (CPU)')")
     started = time.perf_counter()
     results = dict(threads=args.threads, malloc_pinned=False, cases={})
     names = ["toy", "unet16"] if args.quick else list(CASES)
