@@ -257,8 +257,9 @@ def markdown(results, command: str) -> str:
             "- The energy objective differentiates `-grad_x E` once more: forward (F) + input-only VJP (~F) + backward "
             "of both graphs (~2F + ~2F) against F + 2F for L2, so the FLOP ratio is ~2.0x by construction: on the UNets, "
             "whose time is the convolutions', the 2.0x time target sits exactly at the arithmetic floor and any "
-            "overhead misses it. The toy MLP meets it only because its step's time is mostly per operator, not per "
-            "FLOP: the fused node dispatches fewer operators per FLOP than L2's own backward does.",
+            "overhead misses it. The toy MLP meets it because its fused node does less arithmetic than the general "
+            "route (the `toy` line above: no input gradient of the first layer in the outer backward) at about L2's "
+            "time per FLOP; with a ratio near 1.0 between the two, its margin is small.",
             "- The rest is the double-backward formulas of GroupNorm and SiLU (many elementwise kernels over "
             "activation-sized tensors; writing GroupNorm's out as one node did not make it faster, \"Fast paths "
             "tried\"), the attention's second derivative (written out, its probabilities recomputed) and memory "
