@@ -365,20 +365,20 @@ class _SiLUMLPInputGradient(torch.autograd.Function):
         for k in range(len(weights) - 1, -1, -1):
             deltas.append(delta)
             delta = torch.ops.aten.silu_backward(delta, acts[k]).mm(weights[k][:, :d] if k == 0 else weights[k])
-        ctx.d, ctx.n, ctx.has_c = d, len(weights), c is not None
+        ctx.d, ctx.n = d, len(weights)
         # c_k = delta_k * silu'(a_k) is recomputed in the backward (one elementwise pass) rather than saved
         ctx.save_for_backward(u, w, c, *wb, *ins[1:], *acts, *deltas[:0:-1])
         return delta, h
 
     @staticmethod
-    def backward(ctx, gbar, hbar):
+    def backward(ctx, gbar, hLbar):
         d, n = ctx.d, ctx.n
         saved = ctx.saved_tensors
         u, w, c, wb = saved[0], saved[1], saved[2], saved[3:3 + 2 * n]
         if gbar is None:
             gbar = u.new_zeros(u.shape[0], d)
         if torch.is_grad_enabled():
-            return _SiLUMLPInputGradient._recompute(ctx, gbar, hbar, u, d, w, c, wb)
+            return _SiLUMLPInputGradient._recompute(ctx, gbar, hLbar, u, d, w, c, wb)
         rest = saved[3 + 2 * n:]
         weights, ins = wb[0::2], (u, *rest[:n - 1])
         acts, deltas = rest[n - 1:2 * n - 1], (*rest[2 * n - 1:3 * n - 2], w)
@@ -394,8 +394,8 @@ class _SiLUMLPInputGradient(torch.autograd.Function):
             abar2[k] = _silu2_times(cbar.mul_(delta_k), acts[k])
         gw_top = dbar.sum(0, keepdim=True) if w.shape[0] != dbar.shape[0] else dbar   # delta_L = w
         abar, gu = abar2[n - 1], None
-        if hbar is not None:                                            # h_L used downstream (the energy's head)
-            abar = abar.add_(torch.ops.aten.silu_backward(hbar, acts[n - 1]))
+        if hLbar is not None:                                           # h_L used downstream (the energy's head)
+            abar = abar.add_(torch.ops.aten.silu_backward(hLbar, acts[n - 1]))
         for k in range(n - 1, -1, -1):                                  # the forward pass, top-down
             abar2[k] = None                                             # held as abar only: freed at the next layer
             gw[k] = torch.addmm(gw[k], abar.t(), ins[k])
@@ -405,16 +405,16 @@ class _SiLUMLPInputGradient(torch.autograd.Function):
                 abar = abar2[k - 1].add_(torch.ops.aten.silu_backward.grad_input(hbar, acts[k - 1], grad_input=hbar))
             elif ctx.needs_input_grad[0]:
                 gu = abar.mm(weights[0])
-        gc = torch.zeros_like(c) if ctx.has_c else None
+        gc = None if c is None else torch.zeros_like(c)
         return (gu, None, gw_top, gc, *(g for pair in zip(gw, gb) for g in pair))
 
     @staticmethod
-    def _recompute(ctx, gbar, hbar, u, d, w, c, wb):
+    def _recompute(ctx, gbar, hLbar, u, d, w, c, wb):
         """The backward as a differentiable graph (grad mode on: the caller differentiates it again)."""
         inputs = (u, w, c, *wb)
         needed = [ctx.needs_input_grad[i + (i > 0)] for i in range(len(inputs))]     # input 1 is d, an int
         outs = _silu_mlp_input_gradient_plain(u, d, w, c, wb)
-        used = [(o, g) for o, g in zip(outs, (gbar, hbar)) if g is not None]
+        used = [(o, g) for o, g in zip(outs, (gbar, hLbar)) if g is not None]
         grads = _plain_grads([o for o, _ in used], inputs, needed, [g for _, g in used])
         return (grads[0], None, *grads[1:])
 
